@@ -1,0 +1,19 @@
+"""Every environment variable calgan_fast reads, read in this one place."""
+
+from __future__ import annotations
+
+import os
+
+#: Overrides ``backend="auto"`` of :func:`calgan_fast.routed_head` (and every module using it).
+BACKEND_ENV = "CALGAN_FAST_BACKEND"
+
+
+def backend_override() -> str | None:
+    """The backend named by ``CALGAN_FAST_BACKEND``, or ``None`` when unset or empty."""
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    return value or None
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,1 @@
+"""Triton kernels of calgan_fast (installed as ``calgan_fast.kernels``); launchers only, no autograd."""
