@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+
+def _has_gpu() -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _has_cuda_ext() -> bool:
+    from calgan_fast.ops.backends import extension
+
+    ext = extension()
+    return ext is not None and getattr(ext, "WITH_CUDA", False) and _has_gpu()
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu = _has_gpu()
+    cuda = _has_cuda_ext()
+    skip_gpu = pytest.mark.skip(reason="needs a GPU")
+    skip_cuda = pytest.mark.skip(reason="needs calgan_fast._C built with CUDA and a GPU")
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(skip_gpu)
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # fp32 tolerances assume exact fp32 matmuls.
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
