@@ -316,6 +316,10 @@ class _Cfg:
         self.block_k = min(64, cp)
         self.num_warps = 8 if self.block_n >= 128 else 4
         self.num_stages = 3
+        if dtype == torch.float64:
+            # fp64 tiles are 4x the bytes of bf16 ones: smaller tiles, fewer stages.
+            self.block_n, self.block_k = min(64, cp), min(32, cp)
+            self.num_warps, self.num_stages = 4, 2
         # fp32 follows torch's TF32 switch; fp16/bf16 operands are exact in TF32 anyway, and the
         # fp32 values fed to a dot in the low-precision path (none) would be rounded like torch's.
         self.prec = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
