@@ -145,7 +145,7 @@ def routing_metadata(expert: torch.Tensor, num_experts: int):
     expert = expert.contiguous()
     if expert.dtype != torch.int64:
         expert = expert.long()
-    np_ = next_pow2(num_experts)
+    np_ = max(16, next_pow2(num_experts))  # no degenerate (size-1) block dimensions
     block = HIST_BLOCK()
     nb = triton.cdiv(m, block)
     blk_count = torch.empty(nb, np_, dtype=torch.int32, device=dev)
@@ -155,7 +155,7 @@ def routing_metadata(expert: torch.Tensor, num_experts: int):
     perm = torch.empty(m, dtype=torch.int64, device=dev)
     _routing_hist_kernel[(nb,)](expert, blk_count, m, BLOCK=block, NP=np_)
     _routing_scan_kernel[(1,)](blk_count, blk_base, count, offsets, nb, num_experts,
-                               CHUNK=min(128, next_pow2(nb)), NP=np_)
+                               CHUNK=min(128, max(16, next_pow2(nb))), NP=np_)
     _routing_scatter_kernel[(nb,)](expert, blk_base, offsets, perm, m, BLOCK=block, NP=np_)
     return count, offsets, perm
 
@@ -173,10 +173,10 @@ def segment_map(offsets: torch.Tensor, m: int, seg_m: int):
     seg_expert = torch.empty(s_max, dtype=torch.int32, device=dev)
     seg_start = torch.empty(s_max, dtype=torch.int32, device=dev)
     seg_stop = torch.empty(s_max, dtype=torch.int32, device=dev)
-    block = min(256, next_pow2(s_max))
+    block = min(256, max(16, next_pow2(s_max)))
     _segment_map_kernel[(triton.cdiv(s_max, block),)](
         offsets, seg_off, seg_expert, seg_start, seg_stop, n, s_max,
-        SEG_M=seg_m, BLOCK=block, NP=next_pow2(n),
+        SEG_M=seg_m, BLOCK=block, NP=max(16, next_pow2(n)),
     )
     return seg_off, seg_expert, seg_start, seg_stop
 
@@ -186,6 +186,6 @@ def segment_sum(part: torch.Tensor, seg_off: torch.Tensor) -> torch.Tensor:
     n = seg_off.shape[0] - 1
     length = part.shape[1]
     out = torch.empty(n, length, dtype=part.dtype, device=part.device)
-    block = min(1024, next_pow2(length))
+    block = min(1024, max(16, next_pow2(length)))
     _segment_sum_kernel[(n, triton.cdiv(length, block))](part, seg_off, out, length, BLOCK=block)
     return out

@@ -15,12 +15,11 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import grads_of, make_inputs, tol
 
 import calgan_fast
 from calgan_fast.ops.routed_head import backend_ops
-from calgan_fast.reference import LRELU_SLOPE, routed_head_ref, routing_metadata_ref
-
-from utils import grads_of, make_inputs, tol
+from calgan_fast.reference import LRELU_SLOPE, routing_metadata_ref
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
