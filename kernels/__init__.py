@@ -6,6 +6,7 @@ by the interpreter is fixed at that moment by ``TRITON_INTERPRET`` (see :data:`I
 
 from ._config import INTERPRET
 from .routed_head import routed_head_bwd, routed_head_fwd
-from .routing import routing_metadata, segment_map, segment_sum
+from .routing import routing_metadata, segment_map, segment_maps, segment_sum
 
-__all__ = ["INTERPRET", "routed_head_bwd", "routed_head_fwd", "routing_metadata", "segment_map", "segment_sum"]
+__all__ = ["INTERPRET", "routed_head_bwd", "routed_head_fwd", "routing_metadata", "segment_map", "segment_maps",
+           "segment_sum"]

@@ -2,7 +2,7 @@
 
 Notation: M rows, c channels, N experts, hdim hidden units; ``e`` is a row's expert, ``g`` its
 gate. Rows are processed in *tiles* of ``BLOCK_M`` consecutive positions of ``perm`` that all
-belong to one expert (the tile map of :func:`segment_map`), so each tile is a small dense GEMM
+belong to one expert (the tile map of :func:`segment_maps`), so each tile is a small dense GEMM
 chain against that expert's weights, and rows of x are gathered through ``perm`` inside the GEMM
 (no permuted copy of x is made).
 
@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ._config import INTERPRET, next_pow2
-from .routing import routing_metadata, segment_map, segment_sum
+from .routing import routing_metadata, segment_maps, segment_sum
 
 LRELU_SLOPE = 0.2
 
@@ -351,8 +351,8 @@ def routed_head_fwd(x, expert, gate, proj, w1, b1, w2, b2):
     m, c = x.shape
     n_exp, hdim = w1.shape[0], w1.shape[1]
     cfg = _Cfg(m, c, hdim, x.dtype, x.device)
-    count, offsets, perm = routing_metadata(expert, n_exp)
-    tile_off, tile_expert, tile_start, tile_stop = segment_map(offsets, m, cfg.block_m)
+    count, offsets, perm, tiles = routing_metadata(expert, n_exp, cfg.block_m)
+    tile_off, tile_expert, tile_start, tile_stop = tiles
     t_max = tile_expert.shape[0]
     logits = torch.empty(m, dtype=x.dtype, device=x.device)
     tile_sum = torch.empty(t_max, c, dtype=cfg.acc, device=x.device)
@@ -383,8 +383,9 @@ def routed_head_bwd(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, mean, p
     n_exp, hdim = w1.shape[0], w1.shape[1]
     cfg = _Cfg(m, c, hdim, x.dtype, x.device)
     dev = x.device
-    tile_off, tile_expert, tile_start, tile_stop = segment_map(offsets, m, cfg.block_m)
-    slab_off, slab_expert, slab_start, slab_stop = segment_map(offsets, m, cfg.slab_m)
+    tiles, slabs = segment_maps(offsets, m, cfg.block_m, cfg.slab_m)
+    tile_off, tile_expert, tile_start, tile_stop = tiles
+    slab_off, slab_expert, slab_start, slab_stop = slabs
     t_max = tile_expert.shape[0]
     s_max = slab_expert.shape[0]
     lc = hdim * c + 2 * hdim + 1

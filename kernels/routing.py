@@ -52,7 +52,36 @@ def _routing_hist_kernel(expert_ptr, blk_count_ptr, M, BLOCK: tl.constexpr, NP: 
 
 
 @triton.jit
+def _write_segments(lo, hi, ex, N, s0, seg_off_ptr, seg_expert_ptr, seg_start_ptr, seg_stop_ptr, S_MAX,
+                    SEG_M: tl.constexpr, BLOCK: tl.constexpr):
+    """Map entries of segment ids ``s0 .. s0 + BLOCK`` from expert row ranges ``[lo, hi)`` (NP,)."""
+    nseg = (hi - lo + SEG_M - 1) // SEG_M
+    seg_end = tl.cumsum(nseg, axis=0)  # inclusive; padded experts own no segment
+    seg_beg = seg_end - nseg
+    total = tl.sum(nseg, axis=0)
+    if s0 == 0:
+        tl.store(seg_off_ptr + ex + 1, seg_end, mask=ex < N)
+        tl.store(seg_off_ptr, total * 0)
+    s = s0 + tl.arange(0, BLOCK)
+    # Expert of segment s: the number of experts whose segments all end at or before s.
+    e = tl.sum((seg_end[None, :] <= s[:, None]).to(tl.int32), axis=1)
+    sel = ex[None, :] == e[:, None]
+    beg = tl.sum(tl.where(sel, seg_beg[None, :], 0), axis=1)
+    row_lo = tl.sum(tl.where(sel, lo[None, :], 0), axis=1)
+    row_hi = tl.sum(tl.where(sel, hi[None, :], 0), axis=1)
+    start = row_lo + (s - beg) * SEG_M
+    stop = tl.minimum(start + SEG_M, row_hi)
+    valid = s < total
+    ok = s < S_MAX
+    tl.store(seg_expert_ptr + s, tl.where(valid, e, -1).to(tl.int32), mask=ok)
+    tl.store(seg_start_ptr + s, tl.where(valid, start, 0).to(tl.int32), mask=ok)
+    tl.store(seg_stop_ptr + s, tl.where(valid, stop, 0).to(tl.int32), mask=ok)
+
+
+@triton.jit
 def _routing_scan_kernel(blk_count_ptr, blk_base_ptr, count_ptr, offsets_ptr, NB, N,
+                         seg_off_ptr, seg_expert_ptr, seg_start_ptr, seg_stop_ptr, S_MAX,
+                         SEG_M: tl.constexpr, SEG_BLOCK: tl.constexpr,
                          CHUNK: tl.constexpr, NP: tl.constexpr):
     ex = tl.arange(0, NP)
     running = tl.zeros([NP], dtype=tl.int32)
@@ -69,6 +98,12 @@ def _routing_scan_kernel(blk_count_ptr, blk_base_ptr, count_ptr, offsets_ptr, NB
     tl.store(count_ptr + ex, running.to(tl.int64), mask=ex < N)
     tl.store(offsets_ptr + ex, excl.to(tl.int64), mask=ex < N)
     tl.store(offsets_ptr + N, total.to(tl.int64))
+    # The tile map of the compute kernels, from the same registers (saves a launch).
+    lo = excl.to(tl.int64)
+    hi = lo + running.to(tl.int64)
+    for s0 in range(0, S_MAX, SEG_BLOCK):
+        _write_segments(lo, hi, ex, N, s0, seg_off_ptr, seg_expert_ptr, seg_start_ptr, seg_stop_ptr,
+                        S_MAX, SEG_M, SEG_BLOCK)
 
 
 @triton.jit
@@ -88,33 +123,22 @@ def _routing_scatter_kernel(expert_ptr, blk_base_ptr, offsets_ptr, perm_ptr, M,
 
 
 @triton.jit
-def _segment_map_kernel(offsets_ptr, seg_off_ptr, seg_expert_ptr, seg_start_ptr, seg_stop_ptr,
-                        N, S_MAX, SEG_M: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr):
+def _segment_map_kernel(offsets_ptr, N,
+                        off_a_ptr, exp_a_ptr, start_a_ptr, stop_a_ptr, S_MAX_A, PROGS_A,
+                        off_b_ptr, exp_b_ptr, start_b_ptr, stop_b_ptr, S_MAX_B,
+                        SEG_A: tl.constexpr, SEG_B: tl.constexpr, BLOCK: tl.constexpr,
+                        NP: tl.constexpr):
+    # Programs [0, PROGS_A) write map A, the others map B: two maps in one launch.
     pid = tl.program_id(0)
     ex = tl.arange(0, NP)
     lo = tl.load(offsets_ptr + ex, mask=ex < N, other=0)
     hi = tl.load(offsets_ptr + ex + 1, mask=ex < N, other=0)
-    nseg = (hi - lo + SEG_M - 1) // SEG_M
-    seg_end = tl.cumsum(nseg, axis=0)  # inclusive; padded experts own no segment
-    seg_beg = seg_end - nseg
-    total = tl.sum(nseg, axis=0)
-    if pid == 0:
-        tl.store(seg_off_ptr + ex + 1, seg_end, mask=ex < N)
-        tl.store(seg_off_ptr, total * 0)
-    s = pid * BLOCK + tl.arange(0, BLOCK)
-    # Expert of segment s: the number of experts whose segments all end at or before s.
-    e = tl.sum((seg_end[None, :] <= s[:, None]).to(tl.int32), axis=1)
-    sel = ex[None, :] == e[:, None]
-    beg = tl.sum(tl.where(sel, seg_beg[None, :], 0), axis=1)
-    row_lo = tl.sum(tl.where(sel, lo[None, :], 0), axis=1)
-    row_hi = tl.sum(tl.where(sel, hi[None, :], 0), axis=1)
-    start = row_lo + (s - beg) * SEG_M
-    stop = tl.minimum(start + SEG_M, row_hi)
-    valid = s < total
-    ok = s < S_MAX
-    tl.store(seg_expert_ptr + s, tl.where(valid, e, -1).to(tl.int32), mask=ok)
-    tl.store(seg_start_ptr + s, tl.where(valid, start, 0).to(tl.int32), mask=ok)
-    tl.store(seg_stop_ptr + s, tl.where(valid, stop, 0).to(tl.int32), mask=ok)
+    if pid < PROGS_A:
+        _write_segments(lo, hi, ex, N, pid * BLOCK, off_a_ptr, exp_a_ptr, start_a_ptr, stop_a_ptr,
+                        S_MAX_A, SEG_A, BLOCK)
+    else:
+        _write_segments(lo, hi, ex, N, (pid - PROGS_A) * BLOCK, off_b_ptr, exp_b_ptr, start_b_ptr,
+                        stop_b_ptr, S_MAX_B, SEG_B, BLOCK)
 
 
 @triton.jit
@@ -135,10 +159,23 @@ def _segment_sum_kernel(part_ptr, seg_off_ptr, out_ptr, L, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
-def routing_metadata(expert: torch.Tensor, num_experts: int):
+def _new_map(m: int, n: int, seg_m: int, dev):
+    s_max = triton.cdiv(m, seg_m) + n
+    return (torch.empty(n + 1, dtype=torch.int64, device=dev),
+            torch.empty(s_max, dtype=torch.int32, device=dev),
+            torch.empty(s_max, dtype=torch.int32, device=dev),
+            torch.empty(s_max, dtype=torch.int32, device=dev))
+
+
+_SEG_BLOCK = 256
+
+
+def routing_metadata(expert: torch.Tensor, num_experts: int, seg_m: int | None = None):
     """``(count (N,), offsets (N+1,), perm (M,))``, all int64, by a stable counting sort on device.
 
     ``expert``: ``(M,)`` integer ids in ``[0, N)`` (not checked here; the op boundary checks).
+    With ``seg_m``, also returns the segment map of :func:`segment_map` for segments of ``seg_m``
+    rows, computed in the same launches.
     """
     m = expert.shape[0]
     dev = expert.device
@@ -153,32 +190,41 @@ def routing_metadata(expert: torch.Tensor, num_experts: int):
     count = torch.empty(num_experts, dtype=torch.int64, device=dev)
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=dev)
     perm = torch.empty(m, dtype=torch.int64, device=dev)
+    smap = _new_map(m, num_experts, seg_m or m, dev)
     _routing_hist_kernel[(nb,)](expert, blk_count, m, BLOCK=block, NP=np_)
     _routing_scan_kernel[(1,)](blk_count, blk_base, count, offsets, nb, num_experts,
+                               *smap, smap[1].shape[0] if seg_m else 0,
+                               SEG_M=seg_m or m, SEG_BLOCK=_SEG_BLOCK,
                                CHUNK=min(128, max(16, next_pow2(nb))), NP=np_)
     _routing_scatter_kernel[(nb,)](expert, blk_base, offsets, perm, m, BLOCK=block, NP=np_)
+    if seg_m:
+        return count, offsets, perm, smap
     return count, offsets, perm
 
 
-def segment_map(offsets: torch.Tensor, m: int, seg_m: int):
-    """Cut each expert's rows into segments of ``seg_m``: ``(seg_off, seg_expert, seg_start, seg_stop)``.
+def segment_maps(offsets: torch.Tensor, m: int, seg_a: int, seg_b: int | None = None):
+    """Cut each expert's rows into segments of ``seg_a`` (and ``seg_b``) rows, in one launch.
 
-    ``offsets``: ``(N+1,)`` int64. ``seg_off`` is ``(N+1,)`` int64; the other three are
-    ``(S_max,)`` int32 with ``S_max = cdiv(m, seg_m) + N`` (ids past the last segment get expert -1).
+    ``offsets``: ``(N+1,)`` int64. Each map is ``(seg_off, seg_expert, seg_start, seg_stop)``:
+    ``seg_off`` ``(N+1,)`` int64, the others ``(S_max,)`` int32 with ``S_max = cdiv(m, seg) + N``
+    (ids past the last segment get expert -1). Returns one map, or a pair of maps.
     """
     n = offsets.shape[0] - 1
     dev = offsets.device
-    s_max = triton.cdiv(m, seg_m) + n
-    seg_off = torch.empty(n + 1, dtype=torch.int64, device=dev)
-    seg_expert = torch.empty(s_max, dtype=torch.int32, device=dev)
-    seg_start = torch.empty(s_max, dtype=torch.int32, device=dev)
-    seg_stop = torch.empty(s_max, dtype=torch.int32, device=dev)
-    block = min(256, max(16, next_pow2(s_max)))
-    _segment_map_kernel[(triton.cdiv(s_max, block),)](
-        offsets, seg_off, seg_expert, seg_start, seg_stop, n, s_max,
-        SEG_M=seg_m, BLOCK=block, NP=max(16, next_pow2(n)),
+    map_a = _new_map(m, n, seg_a, dev)
+    map_b = _new_map(m, n, seg_b, dev) if seg_b else map_a
+    progs_a = triton.cdiv(map_a[1].shape[0], _SEG_BLOCK)
+    progs_b = triton.cdiv(map_b[1].shape[0], _SEG_BLOCK) if seg_b else 0
+    _segment_map_kernel[(progs_a + progs_b,)](
+        offsets, n, *map_a, map_a[1].shape[0], progs_a, *map_b, map_b[1].shape[0],
+        SEG_A=seg_a, SEG_B=seg_b or seg_a, BLOCK=_SEG_BLOCK, NP=max(16, next_pow2(n)),
     )
-    return seg_off, seg_expert, seg_start, seg_stop
+    return (map_a, map_b) if seg_b else map_a
+
+
+def segment_map(offsets: torch.Tensor, m: int, seg_m: int):
+    """One segment map ``(seg_off, seg_expert, seg_start, seg_stop)``; see :func:`segment_maps`."""
+    return segment_maps(offsets, m, seg_m)
 
 
 def segment_sum(part: torch.Tensor, seg_off: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,19 @@ def test_segment_map_covers_each_position_once(interp, nan_empty):
     assert torch.equal(covered, torch.ones_like(covered))
 
 
+def test_tile_maps_agree(interp, nan_empty):
+    """The map built inside the routing scan equals the stand-alone one, alone or paired."""
+    g = torch.Generator().manual_seed(11)
+    expert = torch.randint(0, 4, (83,), generator=g) * 2  # experts 1, 3, 5 stay empty
+    count, offsets, perm, tiles = interp.routing_metadata(expert, 7, 16)
+    single = interp.segment_map(offsets, 83, 16)
+    pair = interp.segment_maps(offsets, 83, 16, 48)
+    for a, b, c in zip(tiles, single, pair[0]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for a, b in zip(pair[1], interp.segment_map(offsets, 83, 48)):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward and every gradient against the reference (interpreter)
 # --------------------------------------------------------------------------------------------
