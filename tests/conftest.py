@@ -1,5 +1,18 @@
+import os
+
 import pytest
 import torch
+
+# Triton fixes interpreted-or-compiled when triton.language is imported. Without a GPU its
+# kernels can only run through the interpreter, so turn it on for the session before anything
+# imports triton (tests/test_triton.py runs the kernels on CPU tensors that way).
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        _gpu = torch.cuda.is_available()
+    except Exception:
+        _gpu = False
+    if not _gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _has_gpu() -> bool:

@@ -24,7 +24,19 @@ def _kernels():
         for name in [n for n in sys.modules if n == "calgan_fast.kernels" or n.startswith("calgan_fast.kernels.")]:
             del sys.modules[name]
         k = load_kernels()
+    if k.INTERPRET and not _stdlib_interpreted():
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported in compiled mode; the Triton "
+            "interpreter needs it set before the first `import triton` (e.g. in the environment)"
+        )
     return k
+
+
+def _stdlib_interpreted() -> bool:
+    """Whether triton.language's own jit functions (tl.sum, ...) were defined for the interpreter."""
+    import triton.language.standard as std  # noqa: PLC0415 - Triton is imported lazily
+
+    return type(getattr(std, "sum", None)).__name__ == "InterpretedFunction"
 
 
 def _compute_dtype(k, dtype: torch.dtype) -> torch.dtype:
