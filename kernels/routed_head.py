@@ -320,11 +320,12 @@ class _Cfg:
             # fp64 tiles are 4x the bytes of bf16 ones: smaller tiles, fewer stages.
             self.block_n, self.block_k = min(64, cp), min(32, cp)
             self.num_warps, self.num_stages = 4, 2
-        # fp32 follows torch's TF32 switch; fp16/bf16 operands are exact in TF32 anyway, and the
-        # fp32 values fed to a dot in the low-precision path (none) would be rounded like torch's.
-        self.prec = "tf32" if (dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-        if dtype in (torch.float16, torch.bfloat16):
-            self.prec = "tf32"
+        # fp32 dots follow torch's TF32 switch (off by default: exact fp32, like torch.matmul).
+        # With fp16/bf16 inputs every dot has fp16/bf16 operands, for which this is ignored.
+        if dtype == torch.float32:
+            self.prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        else:
+            self.prec = "tf32" if dtype != torch.float64 else "ieee"
         # Row slabs of the dO reduction: enough (slab, block, block) programs to fill the GPU
         # a few times over, so that even c = 256 with few experts keeps every SM busy.
         blocks = triton.cdiv(c, self.block_n) * triton.cdiv(c, self.block_k)

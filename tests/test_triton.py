@@ -85,25 +85,31 @@ def _fresh(inputs, dtype=None):
     return out
 
 
-def _assert_matches_ref(inputs):
+def _assert_matches_ref(inputs, strict: bool | None = None):
+    """Outputs and gradients of the triton backend against the reference on the same inputs.
+
+    ``strict`` (default: fp32/fp64 inputs): within the dtype's tolerance of the reference.
+    Otherwise (fp16/bf16, and fp32 at GPU sizes where the reference's own rounding is of the order
+    of the tolerance): the error against the fp64 reference is at most twice that of the same math
+    run by PyTorch in the input dtype, plus the dtype's atol.
+    """
     dt = inputs[0].dtype
+    strict = dt not in LOWP if strict is None else strict
     out, grads = _run(inputs, "triton")
-    ref_inputs = _fresh(inputs, torch.float64 if dt == torch.float64 else torch.float32)
-    out_ref, grads_ref = _run(ref_inputs, "reference")
+    ref_dtype = torch.float32 if strict and dt != torch.float64 else torch.float64
+    out_ref, grads_ref = _run(_fresh(inputs, ref_dtype), "reference")
     names = ["logits", "count", "mean", "var"]
     gnames = ["dx", "dgate", "dproj", "dw1", "db1", "dw2", "db2"]
     assert torch.equal(out.count, out_ref.count)
     assert out.logits.dtype == dt and out.logits.shape == out_ref.logits.shape
-    assert out.mean.dtype == out_ref.mean.dtype and out.var.dtype == out_ref.var.dtype
+    stat_dtype = torch.float64 if dt == torch.float64 else torch.float32
+    assert out.mean.dtype == stat_dtype and out.var.dtype == stat_dtype
     for g, t in zip(grads, [inputs[i] for i in (0, 2, 3, 4, 5, 6, 7)]):
         assert g.dtype == t.dtype and g.shape == t.shape
-    if dt not in LOWP:
-        for nm, a, b in zip(names, out, out_ref):
-            torch.testing.assert_close(a, b.to(a.dtype), **tol(dt), msg=lambda m, nm=nm: f"{nm}: {m}")
-        for nm, a, b in zip(gnames, grads, grads_ref):
+    if strict:
+        for nm, a, b in zip(names + gnames, [*out, *grads], [*out_ref, *grads_ref]):
             torch.testing.assert_close(a, b.to(a.dtype), **tol(dt), msg=lambda m, nm=nm: f"{nm}: {m}")
         return
-    # Low precision: at most twice the error of the same math run in the input dtype, plus atol.
     pt_inputs = _fresh(inputs)
     out_pt = _head_in_dtype(*pt_inputs)
     grads_pt = grads_of(out_pt, [pt_inputs[i] for i in (0, 2, 3, 4, 5, 6, 7)])
@@ -111,11 +117,10 @@ def _assert_matches_ref(inputs):
     for nm, a, b, p in zip(names + gnames, [*out, *grads], [*out_ref, *grads_ref], [*out_pt, *grads_pt]):
         if nm == "count":
             continue
+        assert torch.isfinite(a).all(), f"{nm}: non-finite values"
         err = (a.double() - b.double()).abs().max().item()
         err_pt = (p.double() - b.double()).abs().max().item()
-        assert err <= 2 * err_pt + atol + 1e-3 * b.double().abs().max().item() * (nm == "var"), (
-            f"{nm}: error {err:.3g} vs {err_pt:.3g} of the {dt} reference"
-        )
+        assert err <= 2 * err_pt + atol, f"{nm}: error {err:.3g} vs {err_pt:.3g} of the {dt} reference"
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +337,7 @@ def test_gpu_matches_reference(monkeypatch, dtype):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     for m, c, n in ((1000, 64, 5), (777, 24, 3), (4096, 256, 12)):
         inputs = make_inputs(m, c, n, dtype=dtype, device="cuda", seed=m, requires_grad=True)
-        _assert_matches_ref(inputs)
+        _assert_matches_ref(inputs, strict=False)
 
 
 @pytest.mark.gpu
