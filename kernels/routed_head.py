@@ -45,6 +45,8 @@ dtype, "acc" is fp32, or fp64 for fp64 inputs):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -295,8 +297,17 @@ def _routed_head_bwd_dproj_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
+def _config(m: int, c: int, hdim: int, dtype: torch.dtype, device: torch.device) -> _Cfg:
+    return _Cfg(m, c, hdim, dtype, device)
+
+
 class _Cfg:
-    """Tile sizes and launch options for one (M, c, hdim, dtype)."""
+    """Tile sizes and launch options for one (M, c, hdim, dtype, device).
+
+    Fixed per shape rather than autotuned: an autotuner may pick different tiles in different
+    processes, which changes the order of the reductions and breaks run-to-run bitwise equality.
+    """
 
     def __init__(self, m: int, c: int, hdim: int, dtype: torch.dtype, device: torch.device):
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -308,7 +319,7 @@ class _Cfg:
             self.block_m, self.block_n, self.block_k = 16, 16, 16
             self.slab_m = 32
             self.num_warps, self.num_stages = 1, 1
-            self.prec = "ieee"
+            self.prec, self.tf32_capable = "ieee", False  # the interpreter's dots are exact anyway
             return
         cp = max(16, next_pow2(c))
         self.block_m = 64
@@ -320,12 +331,10 @@ class _Cfg:
             # fp64 tiles are 4x the bytes of bf16 ones: smaller tiles, fewer stages.
             self.block_n, self.block_k = min(64, cp), min(32, cp)
             self.num_warps, self.num_stages = 4, 2
-        # fp32 dots follow torch's TF32 switch (off by default: exact fp32, like torch.matmul).
-        # With fp16/bf16 inputs every dot has fp16/bf16 operands, for which this is ignored.
-        if dtype == torch.float32:
-            self.prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        else:
-            self.prec = "tf32" if dtype != torch.float64 else "ieee"
+        # With fp16/bf16 inputs every dot has fp16/bf16 operands, for which this is ignored;
+        # fp32 inputs follow torch's TF32 switch at each call (see gemm()).
+        self.prec = "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
+        self.tf32_capable = dtype == torch.float32
         # Row slabs of the dO reduction: enough (slab, block, block) programs to fill the GPU
         # a few times over, so that even c = 256 with few experts keeps every SM busy.
         blocks = triton.cdiv(c, self.block_n) * triton.cdiv(c, self.block_k)
@@ -334,7 +343,9 @@ class _Cfg:
         self.slab_m = max(self.block_m, triton.cdiv(triton.cdiv(m, slabs), self.block_m) * self.block_m)
 
     def gemm(self):
-        return {"ACC": self.tl_acc, "PREC": self.prec, "BLOCK_M": self.block_m,
+        # fp32 dots follow torch.backends.cuda.matmul.allow_tf32 (off by default: exact fp32).
+        prec = "tf32" if (self.tf32_capable and torch.backends.cuda.matmul.allow_tf32) else self.prec
+        return {"ACC": self.tl_acc, "PREC": prec, "BLOCK_M": self.block_m,
                 "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
                 "num_warps": self.num_warps, "num_stages": self.num_stages}
 
@@ -351,7 +362,7 @@ def routed_head_fwd(x, expert, gate, proj, w1, b1, w2, b2):
     """
     m, c = x.shape
     n_exp, hdim = w1.shape[0], w1.shape[1]
-    cfg = _Cfg(m, c, hdim, x.dtype, x.device)
+    cfg = _config(m, c, hdim, x.dtype, x.device)
     count, offsets, perm, tiles = routing_metadata(expert, n_exp, cfg.block_m)
     tile_off, tile_expert, tile_start, tile_stop = tiles
     t_max = tile_expert.shape[0]
@@ -382,7 +393,7 @@ def routed_head_bwd(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, mean, p
     """
     m, c = x.shape
     n_exp, hdim = w1.shape[0], w1.shape[1]
-    cfg = _Cfg(m, c, hdim, x.dtype, x.device)
+    cfg = _config(m, c, hdim, x.dtype, x.device)
     dev = x.device
     tiles, slabs = segment_maps(offsets, m, cfg.block_m, cfg.slab_m)
     tile_off, tile_expert, tile_start, tile_stop = tiles

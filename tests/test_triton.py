@@ -190,6 +190,7 @@ HEAD_CASES = [
     ("empty and one-row experts", 37, 8, 5, lambda m: torch.tensor([0] * (m - 1) + [3])),
     ("all rows on one expert", 48, 12, 3, lambda m: torch.ones(m, dtype=torch.long)),
     ("fewer rows than a tile", 5, 24, 3, None),
+    ("one row", 1, 8, 3, lambda m: torch.tensor([2])),
 ]
 
 
@@ -218,6 +219,16 @@ def test_noncontiguous_x(interp, nan_empty):
               for t in (x.clone().t().contiguous().t(), expert, gate, proj, w1, b1, w2, b2)]
     assert not inputs[0].is_contiguous()
     _assert_matches_ref(inputs)
+
+
+def test_nan_stays_in_its_row_and_expert(interp):
+    """The documented NaN policy: a NaN row of x poisons its logit and its expert's statistics only."""
+    x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(40, 8, 3, seed=8, expert=torch.arange(40) % 3)
+    x[7, 3] = float("nan")  # row 7 goes to expert 1
+    out = calgan_fast.routed_head(x, expert, gate, proj, w1, b1, w2, b2, backend="triton")
+    assert torch.isnan(out.logits[7]) and torch.isfinite(out.logits[torch.arange(40) != 7]).all()
+    assert torch.isnan(out.mean[1]).any() and torch.isnan(out.var[1])
+    assert torch.isfinite(out.mean[[0, 2]]).all() and torch.isfinite(out.var[[0, 2]]).all()
 
 
 def test_two_runs_bitwise_identical(interp):
