@@ -175,60 +175,91 @@ def _expert_stats_kernel(tile_sum_ptr, tile_m2_ptr, tile_start_ptr, tile_stop_pt
 
 
 @triton.jit
+def _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, C, H,
+                     SLOPE: tl.constexpr, ACC: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``dh`` of a tile from its pre-activation ``h`` and logit gradients ``gl`` (0 on padding);
+    stores the tile's db1, dw2 and db2 partials after its dW1 partial at ``part``."""
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    hz = h + tl.load(b1_ptr + e64 * H + offs_h, mask=h_ok, other=0.0).to(ACC)[None, :]
+    z = tl.where(hz > 0, hz, hz * SLOPE)
+    w2v = tl.load(w2_ptr + e64 * H + offs_h, mask=h_ok, other=0.0).to(ACC)
+    dz = gl[:, None] * w2v[None, :]
+    dh = tl.where(hz > 0, dz, dz * SLOPE)  # a tensor times SLOPE keeps fp64 exact
+    tl.store(part + H * C + offs_h, tl.sum(dh, axis=0), mask=h_ok)
+    tl.store(part + H * C + H + offs_h, tl.sum(gl[:, None] * z, axis=0), mask=h_ok)
+    tl.store(part + H * C + 2 * H, tl.sum(gl, axis=0))
+    return dh
+
+
+@triton.jit
+def _dy_block(u, g, ok, pos, n0, dh, e64, n_e, coef, w1e_ptr, gmean_ptr, mean_ptr, du_ptr, part, C, H,
+              ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One channel block of the tile's backward from ``u = x O_e^T`` of that block: stores
+    ``du = g * dy`` and the dW1 partial, returns the block's share of dgate ``(BLOCK_M,)``."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    y = g[:, None] * u
+    w1b = tl.load(w1e_ptr + offs_h[:, None] * C + offs_n[None, :],
+                  mask=h_ok[:, None] & n_ok[None, :], other=0.0)
+    dy = tl.dot(dh.to(w1b.dtype), w1b, input_precision=PREC).to(ACC)
+    gm = tl.load(gmean_ptr + e64 * C + offs_n, mask=n_ok, other=0.0).to(ACC)
+    mu = tl.load(mean_ptr + e64 * C + offs_n, mask=n_ok, other=0.0).to(ACC)
+    # d mean_e / d y = 1 / n_e;  d var_e / d y = 2 (y - mean_e) / (n_e c)  (coef = gvar_e * 2 / (n_e c)).
+    dy += gm[None, :] / n_e + coef * (y - mu[None, :])
+    dy = tl.where(ok[:, None], dy, 0.0)
+    tl.store(du_ptr + pos.to(tl.int64)[:, None] * C + offs_n[None, :], g[:, None] * dy,
+             mask=ok[:, None] & n_ok[None, :])
+    dw1 = tl.dot(tl.trans(dh.to(w1b.dtype)), y.to(w1b.dtype), input_precision=PREC)
+    tl.store(part + offs_h[:, None] * C + offs_n[None, :], dw1, mask=h_ok[:, None] & n_ok[None, :])
+    return tl.sum(dy * u, axis=1)
+
+
+@triton.jit
 def _routed_head_bwd_dy_kernel(
     x_ptr, stride_xm, stride_xc, perm_ptr, gate_ptr, proj_ptr, w1_ptr, b1_ptr, w2_ptr,
     glogits_ptr, gmean_ptr, gvar_ptr, mean_ptr, offsets_ptr,
     tile_expert_ptr, tile_start_ptr, tile_stop_ptr,
     du_ptr, dgate_ptr, cls_part_ptr,
     C, H, LC,
-    SLOPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    SLOPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # SINGLE (c <= BLOCK_N): the one block of u computed for h is kept for dy, one GEMM fewer.
     t = tl.program_id(0)
     e = tl.load(tile_expert_ptr + t)
     if e >= 0:
         e64 = e.to(tl.int64)
         pos, ok, rows, g = _tile_rows(perm_ptr, gate_ptr, tile_start_ptr, tile_stop_ptr, t, ACC, BLOCK_M)
         n_e = (tl.load(offsets_ptr + e64 + 1) - tl.load(offsets_ptr + e64)).to(ACC)
+        coef = tl.load(gvar_ptr + e64).to(ACC) * 2.0 / (n_e * C)
         o_ptr = proj_ptr + e64 * C * C
         w1e_ptr = w1_ptr + e64 * H * C
-        offs_h = tl.arange(0, BLOCK_H)
-        h_ok = offs_h < H
-        h = _hidden(x_ptr, stride_xm, stride_xc, rows, ok, g, o_ptr, w1e_ptr, C, H,
-                    ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_H)
-        hz = h + tl.load(b1_ptr + e64 * H + offs_h, mask=h_ok, other=0.0).to(ACC)[None, :]
-        z = tl.where(hz > 0, hz, hz * SLOPE)
         gl = tl.load(glogits_ptr + rows, mask=ok, other=0.0).to(ACC)  # 0 on padded rows
-        w2v = tl.load(w2_ptr + e64 * H + offs_h, mask=h_ok, other=0.0).to(ACC)
-        dz = gl[:, None] * w2v[None, :]
-        dh = tl.where(hz > 0, dz, dz * SLOPE)  # a tensor times SLOPE keeps fp64 exact
         part = cls_part_ptr + t.to(tl.int64) * LC
-        tl.store(part + H * C + offs_h, tl.sum(dh, axis=0), mask=h_ok)
-        tl.store(part + H * C + H + offs_h, tl.sum(gl[:, None] * z, axis=0), mask=h_ok)
-        tl.store(part + H * C + 2 * H, tl.sum(gl, axis=0))
-        # d var_e / d y = 2 (y - mean_e) / (n_e c); d mean_e / d y = 1 / n_e.
-        coef = tl.load(gvar_ptr + e64).to(ACC) * 2.0 / (n_e * C)
-        dg = tl.zeros([BLOCK_M], dtype=ACC)
-        for n0 in range(0, C, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < C
-            u = _project_block(x_ptr, stride_xm, stride_xc, rows, ok, o_ptr, n0, C,
+        if SINGLE:
+            u = _project_block(x_ptr, stride_xm, stride_xc, rows, ok, o_ptr, 0, C,
                                ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-            y = g[:, None] * u
-            w1b = tl.load(w1e_ptr + offs_h[:, None] * C + offs_n[None, :],
-                          mask=h_ok[:, None] & n_ok[None, :], other=0.0)
-            dy = tl.dot(dh.to(w1b.dtype), w1b, input_precision=PREC).to(ACC)
-            gm = tl.load(gmean_ptr + e64 * C + offs_n, mask=n_ok, other=0.0).to(ACC)
-            mu = tl.load(mean_ptr + e64 * C + offs_n, mask=n_ok, other=0.0).to(ACC)
-            dy += gm[None, :] / n_e + coef * (y - mu[None, :])
-            dy = tl.where(ok[:, None], dy, 0.0)
-            dg += tl.sum(dy * u, axis=1)
-            du = g[:, None] * dy
-            tl.store(du_ptr + pos.to(tl.int64)[:, None] * C + offs_n[None, :], du,
-                     mask=ok[:, None] & n_ok[None, :])
-            dw1 = tl.dot(tl.trans(dh.to(w1b.dtype)), y.to(w1b.dtype), input_precision=PREC)
-            tl.store(part + offs_h[:, None] * C + offs_n[None, :], dw1,
-                     mask=h_ok[:, None] & n_ok[None, :])
+            offs_n = tl.arange(0, BLOCK_N)
+            offs_h = tl.arange(0, BLOCK_H)
+            w1t = tl.load(w1e_ptr + offs_h[None, :] * C + offs_n[:, None],
+                          mask=(offs_n < C)[:, None] & (offs_h < H)[None, :], other=0.0)
+            h = tl.dot((g[:, None] * u).to(w1t.dtype), w1t, input_precision=PREC).to(ACC)
+            dh = _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, C, H, SLOPE, ACC, BLOCK_H)
+            dg = _dy_block(u, g, ok, pos, 0, dh, e64, n_e, coef, w1e_ptr, gmean_ptr, mean_ptr, du_ptr,
+                           part, C, H, ACC, PREC, BLOCK_N, BLOCK_H)
+        else:
+            h = _hidden(x_ptr, stride_xm, stride_xc, rows, ok, g, o_ptr, w1e_ptr, C, H,
+                        ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_H)
+            dh = _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, C, H, SLOPE, ACC, BLOCK_H)
+            dg = tl.zeros([BLOCK_M], dtype=ACC)
+            for n0 in range(0, C, BLOCK_N):
+                u = _project_block(x_ptr, stride_xm, stride_xc, rows, ok, o_ptr, n0, C,
+                                   ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                dg += _dy_block(u, g, ok, pos, n0, dh, e64, n_e, coef, w1e_ptr, gmean_ptr, mean_ptr,
+                                du_ptr, part, C, H, ACC, PREC, BLOCK_N, BLOCK_H)
         tl.store(dgate_ptr + rows, dg, mask=ok)
 
 
@@ -316,20 +347,33 @@ class _Cfg:
         self.block_c = next_pow2(c)
         if INTERPRET:
             # Tiles smaller than the test shapes so that experts span several tiles and slabs.
-            self.block_m, self.block_n, self.block_k = 16, 16, 16
+            self.block_m = 16
+            self.head_n = self.head_k = self.block_n = self.block_k = 16
             self.slab_m = 32
             self.num_warps, self.num_stages = 1, 1
             self.prec, self.tf32_capable = "ieee", False  # the interpreter's dots are exact anyway
             return
         cp = max(16, next_pow2(c))
         self.block_m = 64
+        self.num_warps = 8 if cp >= 128 else 4
+        self.num_stages = 3
+        # Fused head kernels (forward, dy): up to c = 256 a tile's whole row block of y (64 x 256
+        # fp32) stays in registers, so x is read once per tile and the backward keeps u instead
+        # of recomputing it; 32-wide k slices keep that free of register spills on sm_90.
+        self.head_n = cp if cp <= 256 else 128
+        self.head_k = min(32, cp)
+        # Plain GEMMs (dx, dO): 64 x 128 x 64 tiles.
         self.block_n = min(128, cp)
         self.block_k = min(64, cp)
-        self.num_warps = 8 if self.block_n >= 128 else 4
-        self.num_stages = 3
+        if dtype == torch.float32:
+            # Exact fp32 dots run on FMA units and hold their operands in registers: smaller tiles.
+            self.head_n = self.block_n = min(64, cp)
+            self.head_k = self.block_k = min(32, cp)
+            self.num_warps = 8
         if dtype == torch.float64:
             # fp64 tiles are 4x the bytes of bf16 ones: smaller tiles, fewer stages.
-            self.block_n, self.block_k = min(64, cp), min(32, cp)
+            self.head_n = self.block_n = min(64, cp)
+            self.head_k = self.block_k = min(32, cp)
             self.num_warps, self.num_stages = 4, 2
         # With fp16/bf16 inputs every dot has fp16/bf16 operands, for which this is ignored;
         # fp32 inputs follow torch's TF32 switch at each call (see gemm()).
@@ -342,11 +386,13 @@ class _Cfg:
         slabs = max(1, (4 * sms) // blocks)
         self.slab_m = max(self.block_m, triton.cdiv(triton.cdiv(m, slabs), self.block_m) * self.block_m)
 
-    def gemm(self):
+    def gemm(self, head: bool = False):
+        """Launch keywords of the fused head kernels (``head``) or of the plain GEMM kernels."""
         # fp32 dots follow torch.backends.cuda.matmul.allow_tf32 (off by default: exact fp32).
         prec = "tf32" if (self.tf32_capable and torch.backends.cuda.matmul.allow_tf32) else self.prec
         return {"ACC": self.tl_acc, "PREC": prec, "BLOCK_M": self.block_m,
-                "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                "BLOCK_N": self.head_n if head else self.block_n,
+                "BLOCK_K": self.head_k if head else self.block_k,
                 "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
@@ -372,7 +418,7 @@ def routed_head_fwd(x, expert, gate, proj, w1, b1, w2, b2):
     _routed_head_fwd_kernel[(t_max,)](
         x, x.stride(0), x.stride(1), perm, gate, proj, w1, b1, w2, b2,
         tile_expert, tile_start, tile_stop, logits, tile_sum, tile_m2, c, hdim,
-        SLOPE=LRELU_SLOPE, BLOCK_H=cfg.block_h, **cfg.gemm(),
+        SLOPE=LRELU_SLOPE, BLOCK_H=cfg.block_h, **cfg.gemm(head=True),
     )
     mean = torch.empty(n_exp, c, dtype=cfg.acc, device=x.device)
     var = torch.empty(n_exp, dtype=cfg.acc, device=x.device)
@@ -411,7 +457,7 @@ def routed_head_bwd(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, mean, p
         x, x.stride(0), x.stride(1), perm, gate, proj, w1, b1, w2,
         glogits, gmean, gvar, mean, offsets, tile_expert, tile_start, tile_stop,
         du, dgate, cls_part, c, hdim, lc,
-        SLOPE=LRELU_SLOPE, BLOCK_H=cfg.block_h, **cfg.gemm(),
+        SLOPE=LRELU_SLOPE, SINGLE=c <= cfg.head_n, BLOCK_H=cfg.block_h, **cfg.gemm(head=True),
     )
     dx = torch.empty(m, c, dtype=x.dtype, device=dev)
     _routed_head_bwd_dx_kernel[(t_max, triton.cdiv(c, cfg.block_n))](
