@@ -91,7 +91,10 @@ stage() {
 export MAX_JOBS=${MAX_JOBS:-16}
 if ! stage install 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
         > "$OUT/install.log" 2>&1; then
-    echo "gpu_check: install failed, see $OUT/install.log; using the source tree" >&2
+    # An old pip/setuptools cannot do an editable install without isolation: build in place.
+    echo "gpu_check: pip install failed, see $OUT/install.log; trying setup.py build_ext --inplace" >&2
+    stage build_ext 300 "$PY" setup.py build_ext --inplace >> "$OUT/install.log" 2>&1 ||
+        echo "gpu_check: the extension did not build; the Python backends run from the source tree" >&2
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 

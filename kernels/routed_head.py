@@ -19,7 +19,8 @@ Backward (y and z recomputed, not saved):
 - ``_routed_head_bwd_dy_kernel``, per tile: recompute h, then ``dh = glogit * w2_e * lrelu'(h)``;
   per tile partials of dW1 (``dh^T y``), db1, dw2 (``glogit z``), db2; for each channel block
   recompute u, y and ``dy = dh @ W1_e + gmean_e / n_e + gvar_e * 2 / (n_e c) * (y - mean_e)``,
-  ``dgate += sum_c dy * u``, and store ``du = g * dy`` to a scratch in perm order.
+  ``dgate += sum_c dy * u``, and store ``du = g * dy`` to a scratch in perm order. When one block
+  spans all c channels (``SINGLE``), the u computed for h is kept instead of recomputed.
 - ``_routed_head_bwd_dx_kernel``, per tile: ``dx = du @ O_e``, stored at the rows' own
   positions: top-1 routing writes every row exactly once, so no atomics.
 - ``_routed_head_bwd_dproj_kernel``, per (row slab, channel block pair): partial
