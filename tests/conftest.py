@@ -3,9 +3,10 @@ import os
 import pytest
 import torch
 
-# Triton fixes interpreted-or-compiled when triton.language is imported. Without a GPU its
-# kernels can only run through the interpreter, so turn it on for the session before anything
-# imports triton (tests/test_triton.py runs the kernels on CPU tensors that way).
+# Triton fixes interpreted-or-compiled for its own library functions when triton.language is
+# first imported. Without a GPU its kernels can only run through the interpreter, so import it in
+# interpreter mode before anything else does; the variable itself is then unset again, and only
+# the tests that run Triton kernels on CPU tensors (tests/test_triton.py) turn it on.
 if "TRITON_INTERPRET" not in os.environ:
     try:
         _gpu = torch.cuda.is_available()
@@ -13,6 +14,12 @@ if "TRITON_INTERPRET" not in os.environ:
         _gpu = False
     if not _gpu:
         os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import triton.language  # noqa: F401
+        except ImportError:
+            pass
+        finally:
+            del os.environ["TRITON_INTERPRET"]
 
 
 def _has_gpu() -> bool:

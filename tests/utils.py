@@ -43,12 +43,8 @@ def make_inputs(m, c, n, hdim=None, *, dtype=torch.float32, device="cpu", seed=0
 
 
 def cpu_backends() -> list[str]:
-    """Fast backends that run on CPU tensors here (reference excluded).
-
-    ``triton`` is left out: it reaches CPU tensors only through the interpreter, a test vehicle
-    that tests/test_triton.py exercises on its own tiny shapes.
-    """
-    return [b for b in calgan_fast.available_backends("cpu") if b not in ("reference", "triton")]
+    """Fast backends that run on CPU tensors here (reference excluded)."""
+    return [b for b in calgan_fast.available_backends("cpu") if b != "reference"]
 
 
 def all_backend_names() -> list[str]:
