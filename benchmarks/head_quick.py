@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 
@@ -23,22 +24,31 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _time(fn, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of one call (CUDA events on a GPU, a wall clock on the CPU)."""
+    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        if cuda:
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
 def _peak(fn) -> float:
-    """Peak memory (MiB) allocated by one call above what was allocated before it."""
+    """Peak memory (MiB) allocated by one call above what was allocated before it (GPU only)."""
+    if not torch.cuda.is_available():
+        return float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -55,16 +65,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--device", default="cuda", help="cuda (default), or cpu for a smoke test")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("head_quick: needs a CUDA GPU", file=sys.stderr)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("head_quick: needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)
         return 1
 
     import calgan_fast
 
     m, c, n, dt = args.m, args.c, args.n, DTYPES[args.dtype]
     hdim = max(1, c // 8)
-    dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
@@ -100,7 +111,7 @@ def main(argv=None) -> int:
         rows.append({"backend": "matmul", "mode": mode, "ms": ms, "gflops": fl / ms / 1e6,
                      "peak_mib": _peak(fn)})
 
-    backends = [b for b in calgan_fast.available_backends("cuda")]
+    backends = calgan_fast.available_backends(dev)
     for name in backends:
         def fwd(name=name):
             with torch.no_grad():
@@ -130,11 +141,11 @@ def main(argv=None) -> int:
             r["x_reference"] = ref[r["mode"]]["ms"] / r["ms"]
         r["of_matmul"] = r["gflops"] / mm[r["mode"]]["gflops"]
 
-    p = torch.cuda.get_device_properties(0)
-    meta = {"M": m, "c": c, "N": n, "hdim": hdim, "dtype": args.dtype, "gpu": p.name,
+    gpu = torch.cuda.get_device_properties(dev).name if dev.type == "cuda" else "cpu"
+    meta = {"M": m, "c": c, "N": n, "hdim": hdim, "dtype": args.dtype, "gpu": gpu,
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": _version("triton"), "x_MiB": m * c * x.element_size() / 2**20}
-    print(f"## Routed head, M={m}, c={c}, N={n}, hdim={hdim}, {args.dtype} on {p.name}\n")
+    print(f"## Routed head, M={m}, c={c}, N={n}, hdim={hdim}, {args.dtype} on {gpu}\n")
     print(f"torch {meta['torch']} (CUDA {meta['cuda']}), triton {meta['triton']}; "
           f"one (M, c) buffer is {meta['x_MiB']:.0f} MiB.\n")
     print("| backend | mode | ms | GFLOP/s | x reference | of matmul | peak MiB |")
