@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import grads_of, make_inputs, tol
+from tests.utils import grads_of, make_inputs, tol
 
 import calgan_fast
 from calgan_fast.ops.routed_head import backend_ops
