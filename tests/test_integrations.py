@@ -349,3 +349,26 @@ def test_example_yaml_has_the_keys_the_test_overrides():
         for key in path.split(":"):
             assert key in node, path
             node = node[key]
+
+
+def test_compat_recipe_of_the_docs():
+    """The authors'-code recipe shown in the docs: one G and one D step with OfficialMOD."""
+    from calgan_fast import compat
+
+    torch.manual_seed(0)
+    D = compat.OfficialMOD(3, 8, 4)
+    hr = torch.rand(2, 3, 16, 16)
+    sr = torch.rand(2, 3, 16, 16, requires_grad=True)
+    D.requires_grad_(False)
+    with torch.no_grad():
+        real_out, routing, _, _ = D(hr)
+    fake_out, _, _, _ = D(sr, routing=routing)
+    l_g_gan = compat.official_gan_loss(real_out, fake_out, for_discriminator=False)
+    D.requires_grad_(True)
+    l_g_gan.backward()
+    assert sr.grad is not None and torch.isfinite(sr.grad).all() and sr.grad.abs().sum() > 0
+    assert all(p.grad is None for p in D.parameters())
+    d = compat.official_discriminator_loss(D, hr, sr.detach())
+    d["total"].backward()
+    assert math.isfinite(d["total"].item())
+    assert D.w_gating1.grad is not None and D.orthonet.trans.weight.grad.abs().sum() > 0
