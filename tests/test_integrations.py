@@ -290,6 +290,17 @@ def test_basicsr_example_yaml_trains_three_iterations(tmp_path):
     assert all(torch.isfinite(v).all() for v in d1.values() if v.is_floating_point())
 
 
+@needs_basicsr
+def test_main_passes_argv_to_basicsr_and_restores_it(tmp_path):
+    integ = importlib.import_module("calgan_fast.integrations.basicsr")
+    saved = list(sys.argv)
+    missing = tmp_path / "missing.yml"
+    # BasicSR parses the given argv: it tries to open the named YAML.
+    with pytest.raises(FileNotFoundError, match="missing.yml"):
+        integ.main(["-opt", str(missing)], root_path=tmp_path)
+    assert sys.argv == saved
+
+
 # --------------------------------------------------------------------------------------------
 # examples/minimal_loop.py
 
