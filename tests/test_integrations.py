@@ -244,6 +244,7 @@ def test_calgan_model_gen_weight_from_gan_opt_and_wrong_d(tmp_path):
 
 
 @needs_basicsr
+@pytest.mark.slow
 def test_basicsr_example_yaml_trains_three_iterations(tmp_path):
     integ = importlib.import_module("calgan_fast.integrations.basicsr")
     from basicsr.archs import build_network
@@ -340,6 +341,7 @@ def test_minimal_loop_trains():
         assert again == pytest.approx(first)
 
 
+@pytest.mark.slow
 def test_minimal_loop_command_line():
     cmd = [sys.executable, str(MINIMAL_LOOP), "--steps", "2", "--size", "32", "--batch-size", "2",
            "--experts", "3", "--log-every", "1"]
