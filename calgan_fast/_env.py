@@ -17,3 +17,15 @@ def backend_override() -> str | None:
 def triton_interpret() -> bool:
     """True when Triton kernels run on CPU tensors through the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: Folder for data calgan_fast writes for the user (the quick start's sample photos).
+HOME_ENV = "CALGAN_FAST_HOME"
+
+
+def data_home():
+    """``$CALGAN_FAST_HOME`` or ``~/.cache/calgan_fast`` as a ``pathlib.Path``."""
+    from pathlib import Path
+
+    value = os.environ.get(HOME_ENV, "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "calgan_fast"
