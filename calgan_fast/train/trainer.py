@@ -221,8 +221,11 @@ class Trainer:
         random.seed(cfg["manual_seed"])
         self.scale = cfg["scale"]
         spec = dict(cfg["network_g"])
+        if spec.setdefault("scale", self.scale) != self.scale:
+            raise ConfigError(f"network_g.scale = {spec['scale']} differs from scale = {self.scale}")
+        self.g_spec = dict(spec)  # saved with the weights so that eval/upscale can rebuild G
         name = spec.pop("type")
-        self.net_g = build_generator(name, scale=self.scale, **spec).to(self.device)
+        self.net_g = build_generator(name, **spec).to(self.device)
         pre = cfg["path"]["pretrain_network_g"]
         if pre:
             load_generator_weights(self.net_g, pre, cfg["path"]["param_key_g"], cfg["path"]["strict_load_g"])
@@ -295,7 +298,7 @@ class Trainer:
         return {
             "iter": self.it,
             "phase_g": self.phase_g,
-            "network_g": self.cfg["network_g"],
+            "network_g": self.g_spec,
             "scale": self.scale,
             "params": self.net_g.state_dict(),
             "params_ema": self.ema.model.state_dict(),
@@ -527,7 +530,7 @@ class Trainer:
         path = self.out / "models" / "net_g_final.pth"
         if self.is_main:
             _atomic_save({"params": self.net_g.state_dict(), "params_ema": self.ema.model.state_dict(),
-                          "network_g": self.cfg["network_g"], "scale": self.scale}, path)
+                          "network_g": self.g_spec, "scale": self.scale}, path)
         return path
 
     # ---------------------------------------------------------------- loop
@@ -542,7 +545,10 @@ class Trainer:
         sampler = TrainSampler(len(self.train_set), cfg["manual_seed"], self.rank, self.world, start=self.it * bs)
         loader = DataLoader(self.train_set, batch_size=bs, sampler=sampler,
                             num_workers=dcfg["num_worker_per_gpu"], pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            persistent_workers=False,
+                            # Its own generator: creating the iterator must not draw from the global
+                            # RNG, or a resumed run's gumbel noise would be shifted by one draw.
+                            generator=torch.Generator().manual_seed(cfg["manual_seed"]))
         self.net_g.train()
         self.net_d.train()
         bar = None
