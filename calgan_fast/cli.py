@@ -36,7 +36,7 @@ def _cmd_train(args) -> int:
     if out is None:
         out = Path("runs") / cfg["name"]
     last = train(cfg, out, resume=args.resume)
-    if last and (list_checkpoints(out / "checkpoints") or (out / "models").is_dir()):
+    if last and "_rank" not in last and (list_checkpoints(out / "checkpoints") or (out / "models").is_dir()):
         print(f"done: run folder {out}\n"
               f"  checkpoints  {out / 'checkpoints'}\n"
               f"  final model  {out / 'models' / 'net_g_final.pth'}\n"

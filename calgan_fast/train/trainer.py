@@ -423,6 +423,16 @@ class Trainer:
         return logs
 
     # ---------------------------------------------------------------- outputs
+    def _reduce_logs(self, logs: dict) -> dict:
+        """Losses and accuracies averaged over the ranks (usage is already global)."""
+        if not self.distributed:
+            return logs
+        keys = [k for k, v in logs.items() if k != "usage" and torch.is_tensor(v) and v.numel() == 1]
+        vals = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).to(self.device)
+        dist.all_reduce(vals)
+        vals /= self.world
+        return {**logs, **{k: vals[i] for i, k in enumerate(keys)}}
+
     def _log(self, logs: dict, it_per_s: float) -> dict:
         flat = {"iter": self.it, "phase": 1 if self.it <= self.cfg["train"]["pretrain_iter"] else 2}
         for k, v in logs.items():
@@ -573,6 +583,7 @@ class Trainer:
             self._check_chance(logs)
             if self.it % lg["print_freq"] == 0 or self.it == end:
                 rate = (self.it - n0) / max(time.perf_counter() - t0, 1e-9)
+                logs = self._reduce_logs(logs)
                 last = self._log(logs, rate)
                 self._tb(logs)
                 if bar is not None:
@@ -598,4 +609,10 @@ class Trainer:
 def train(cfg: dict, out: str | os.PathLike, resume: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict:
     """Runs a whole training (see :class:`Trainer`); returns the last logged losses."""
-    return Trainer(cfg, out, resume=resume, stop_after=stop_after, progress=progress).run()
+    trainer = Trainer(cfg, out, resume=resume, stop_after=stop_after, progress=progress)
+    try:
+        return trainer.run() if trainer.is_main else {**trainer.run(), "_rank": trainer.rank}
+    finally:
+        if trainer.distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
