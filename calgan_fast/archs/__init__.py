@@ -102,14 +102,15 @@ def _load(path: str | os.PathLike) -> Mapping:
 
 
 def load_generator_weights(model: nn.Module, ckpt: str | os.PathLike | Mapping,
-                           param_key: str | None = None, strict: bool = True) -> nn.Module:
+                           param_key: str | None = None, strict: bool = True, *,
+                           name: str | None = None) -> nn.Module:
     """Loads a checkpoint (path or loaded object) into ``model`` and returns it.
 
     Raises :class:`CheckpointError` naming the file, the architecture and the first mismatching
     keys/shapes when the checkpoint was made for a different network (with ``strict=False`` only
     shape mismatches raise; missing and unexpected keys are tolerated).
     """
-    where = str(ckpt) if isinstance(ckpt, (str, os.PathLike)) else "checkpoint"
+    where = name or (str(ckpt) if isinstance(ckpt, (str, os.PathLike)) else "checkpoint")
     obj = _load(ckpt) if isinstance(ckpt, (str, os.PathLike)) else ckpt
     try:
         sd = extract_state_dict(obj, param_key)
@@ -147,4 +148,4 @@ def generator_from_checkpoint(path: str | os.PathLike, network_g: Mapping | None
     spec = dict(spec)
     name = spec.pop("type")
     model = build_generator(name, **spec)
-    return load_generator_weights(model, obj, param_key).eval()
+    return load_generator_weights(model, obj, param_key, name=str(path)).eval()

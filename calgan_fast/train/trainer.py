@@ -191,6 +191,12 @@ class Trainer:
             torch.set_num_threads(int(cfg["num_threads"]))
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
+        self.scale = cfg["scale"]
+        # Data first: a missing folder or a bad image fails before anything is written.
+        cache = sample_dir()
+        self.train_set = build_dataset(cfg["datasets"]["train"], self.scale, True, cache)
+        val = cfg["datasets"]["val"]
+        self.val_set = build_dataset(val, self.scale, False, cache) if val["dataroot_gt"] else None
         self._prepare_folder(resume)
         self._build()
         self.it = 0
@@ -254,10 +260,6 @@ class Trainer:
         use_scaler = self.amp_dtype == torch.float16
         self.scaler_g = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        cache = sample_dir()
-        self.train_set = build_dataset(cfg["datasets"]["train"], self.scale, True, cache)
-        val = cfg["datasets"]["val"]
-        self.val_set = build_dataset(val, self.scale, False, cache) if val["dataroot_gt"] else None
         self.total = tr["pretrain_iter"] + tr["total_iter"]
         self.acc_window: deque = deque(maxlen=cfg["logger"]["chance_warn_iters"])
         self.tb = None
