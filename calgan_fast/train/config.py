@@ -106,6 +106,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quickstart": {
         "name": "quickstart",
         "device": "auto",
+        # One thread: tiny convolutions gain little from a second one, and lose a lot when other
+        # programs share the cores. Set 2 (or null) on an idle machine.
+        "num_threads": 1,
         "datasets": {
             "train": {"dataroot_gt": "samples", "gt_size": 64, "batch_size_per_gpu": 8,
                       "num_worker_per_gpu": 0, "cache": True},

@@ -1,0 +1,164 @@
+"""Learned perceptual metrics whose weights must be present locally: LPIPS (VGG) and FID.
+
+Nothing is downloaded. Each metric takes the path of every file it needs (defaults: the file
+names torchvision and the reference implementations use, looked up in the torch hub cache
+``$TORCH_HOME/hub/checkpoints``) and raises ``FileNotFoundError`` naming the missing file.
+
+- LPIPS (Zhang et al., 2018), VGG variant: VGG16 features at relu1_2 ... relu5_3, unit-normalised
+  along channels, squared differences weighted by learned 1x1 "lin" layers, averaged over space,
+  summed over layers. Needs torchvision's ``vgg16-397923af.pth`` and LPIPS's ``vgg.pth`` (v0.1).
+- FID: Fréchet distance between Gaussians fitted to Inception-v3 pool features (2048-d) of two
+  image sets. Needs an Inception-v3 state dict for torchvision's ``inception_v3``; with
+  torchvision's ImageNet weights (``inception_v3_google-0cc3c7bd.pth``) the numbers are close to,
+  but not the same as, those of the TensorFlow-ported weights that papers report.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LPIPS", "InceptionFeatures", "frechet_distance", "fid", "hub_file"]
+
+VGG16_FILE = "vgg16-397923af.pth"
+LPIPS_VGG_FILE = "lpips_vgg_v0.1.pth"
+INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
+
+
+def hub_file(name: str) -> Path:
+    """``$TORCH_HOME/hub/checkpoints/<name>`` (where torchvision caches its weights)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def _load(path: str | os.PathLike | None, default: str, what: str) -> dict:
+    path = Path(path) if path is not None else hub_file(default)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights not found: looked for {path} (nothing is downloaded; "
+                                f"put the file there or pass its path)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict")
+    return state
+
+
+# VGG16 ``features`` indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+_VGG16_TAPS = (3, 8, 15, 22, 29)
+_VGG16_CHANNELS = (64, 128, 256, 512, 512)
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance (VGG). ``forward(a, b)``: ``(B, 3, H, W)`` in [0, 1] -> ``(B,)``.
+
+    Args:
+        vgg_path: torchvision VGG16 state dict (whole or ``features.*``); default the hub cache's
+            ``vgg16-397923af.pth``.
+        lin_path: LPIPS linear-layer weights (keys ``lin{0..4}.model.1.weight``, shapes
+            ``(1, C, 1, 1)``); default ``lpips_vgg_v0.1.pth`` in the hub cache.
+    """
+
+    def __init__(self, vgg_path: str | os.PathLike | None = None, lin_path: str | os.PathLike | None = None):
+        super().__init__()
+        from torchvision.models import vgg16
+
+        vgg_state = _load(vgg_path, VGG16_FILE, "VGG16 (LPIPS backbone)")
+        lin_state = _load(lin_path, LPIPS_VGG_FILE, "LPIPS linear layers")
+        feats = vgg16(weights=None).features[: _VGG16_TAPS[-1] + 1]
+        sd = {k[len("features."):]: v for k, v in vgg_state.items() if k.startswith("features.")} or vgg_state
+        sd = {k: v for k, v in sd.items() if int(k.split(".")[0]) <= _VGG16_TAPS[-1]}
+        missing, _ = feats.load_state_dict(sd, strict=False)
+        if missing:
+            raise ValueError(f"VGG16 weights: missing {missing[:3]} (not a torchvision vgg16 state dict?)")
+        for i, m in enumerate(feats):
+            if isinstance(m, nn.ReLU):
+                feats[i] = nn.ReLU(inplace=False)
+        self.features = feats.eval().requires_grad_(False)
+        lins = []
+        for i, c in enumerate(_VGG16_CHANNELS):
+            w = lin_state.get(f"lin{i}.model.1.weight", lin_state.get(f"lins.{i}.model.1.weight"))
+            if w is None or tuple(w.shape) != (1, c, 1, 1):
+                raise ValueError(f"LPIPS linear layers: lin{i}.model.1.weight of shape (1, {c}, 1, 1) not found")
+            lins.append(w.float())
+        self.register_buffer("lin", torch.cat([w.reshape(-1) for w in lins]), persistent=False)
+        # LPIPS's input scaling of [-1, 1] images.
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+
+    def _taps(self, x: Tensor) -> list[Tensor]:
+        h = ((x * 2 - 1) - self.shift) / self.scale
+        out = []
+        for i, m in enumerate(self.features):
+            h = m(h)
+            if i in _VGG16_TAPS:
+                out.append(h)
+        return out
+
+    @torch.no_grad()
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.shape != b.shape or a.dim() != 4:
+            raise ValueError(f"a and b: expected two (B, 3, H, W) of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+        total = a.new_zeros(a.shape[0])
+        offset = 0
+        for fa, fb, c in zip(self._taps(a), self._taps(b), _VGG16_CHANNELS):
+            na = fa / (fa.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            nb = fb / (fb.square().sum(1, keepdim=True).sqrt() + 1e-10)
+            w = self.lin[offset:offset + c].view(1, c, 1, 1)
+            total = total + ((na - nb).square() * w).sum(1).mean((1, 2))
+            offset += c
+        return total
+
+
+class InceptionFeatures(nn.Module):
+    """Inception-v3 pool features: ``(B, 3, H, W)`` in [0, 1] -> ``(B, 2048)`` (input resized to 299)."""
+
+    def __init__(self, weights_path: str | os.PathLike | None = None):
+        super().__init__()
+        from torchvision.models import inception_v3
+
+        state = _load(weights_path, INCEPTION_FILE, "Inception-v3 (FID)")
+        net = inception_v3(weights=None, aux_logits=False, init_weights=False)
+        state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
+        missing, _ = net.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"Inception-v3 weights: missing {missing[:3]} (not a torchvision inception_v3 state dict?)")
+        net.fc = nn.Identity()
+        self.net = net.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net((x - self.mean) / self.std)
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """``|mu1 - mu2|² + tr(cov1 + cov2 - 2 (cov1 cov2)^½)`` in float64."""
+    from scipy import linalg
+
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
+    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    if not np.isfinite(covmean).all():
+        # Near-singular products: a small ridge keeps the square root defined.
+        eps = np.eye(cov1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
+    covmean = covmean.real
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+
+
+def _stats(extractor: nn.Module, batches: Iterable[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    feats = np.concatenate([extractor(b).double().cpu().numpy() for b in batches])
+    if feats.shape[0] < 2:
+        raise ValueError("fid: needs at least 2 images per set")
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def fid(extractor: nn.Module, batches_a: Iterable[Tensor], batches_b: Iterable[Tensor]) -> float:
+    """FID between two image sets given as iterables of ``(B, 3, H, W)`` batches in [0, 1]."""
+    return frechet_distance(*_stats(extractor, batches_a), *_stats(extractor, batches_b))
