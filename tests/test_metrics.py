@@ -50,9 +50,13 @@ def test_psnr_ssim_edges():
 def _vgg16_features_file(path):
     from torchvision.models.vgg import cfgs, make_layers
 
-    torch.manual_seed(0)
-    feats = make_layers(cfgs["D"])
-    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, path)
+    with torch.device("meta"):
+        feats = make_layers(cfgs["D"])
+    g = torch.Generator().manual_seed(0)
+    # Random weights scaled to keep activations O(1) through 13 convs.
+    sd = {f"features.{k}": torch.randn(v.shape, generator=g) * (2.0 / (v[0].numel() if v.dim() > 1 else 1e4)) ** 0.5
+          for k, v in feats.state_dict().items()}
+    torch.save(sd, path)
 
 
 def _lin_file(path, scale=1.0):

@@ -52,6 +52,23 @@ _VGG16_TAPS = (3, 8, 15, 22, 29)
 _VGG16_CHANNELS = (64, 128, 256, 512, 512)
 
 
+def _vgg16_features(state: dict, last: int) -> nn.Sequential:
+    """torchvision's VGG16 ``features[:last + 1]`` loaded from ``state``, frozen, eval mode."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    with torch.device("meta"):  # no random init: every weight comes from the file
+        feats = make_layers(cfgs["D"])[: last + 1]  # without the classifier: 120M fewer parameters
+    sd = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")} or state
+    sd = {k: v for k, v in sd.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) <= last}
+    missing, _ = feats.load_state_dict(sd, strict=False, assign=True)
+    if missing:
+        raise ValueError(f"VGG16 weights: missing {missing[:3]} (not a torchvision vgg16 state dict?)")
+    for i, m in enumerate(feats):
+        if isinstance(m, nn.ReLU):
+            feats[i] = nn.ReLU(inplace=False)
+    return feats.eval().requires_grad_(False)
+
+
 class LPIPS(nn.Module):
     """LPIPS distance (VGG). ``forward(a, b)``: ``(B, 3, H, W)`` in [0, 1] -> ``(B,)``.
 
@@ -64,20 +81,9 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_path: str | os.PathLike | None = None, lin_path: str | os.PathLike | None = None):
         super().__init__()
-        from torchvision.models import vgg16
-
         vgg_state = _load(vgg_path, VGG16_FILE, "VGG16 (LPIPS backbone)")
         lin_state = _load(lin_path, LPIPS_VGG_FILE, "LPIPS linear layers")
-        feats = vgg16(weights=None).features[: _VGG16_TAPS[-1] + 1]
-        sd = {k[len("features."):]: v for k, v in vgg_state.items() if k.startswith("features.")} or vgg_state
-        sd = {k: v for k, v in sd.items() if int(k.split(".")[0]) <= _VGG16_TAPS[-1]}
-        missing, _ = feats.load_state_dict(sd, strict=False)
-        if missing:
-            raise ValueError(f"VGG16 weights: missing {missing[:3]} (not a torchvision vgg16 state dict?)")
-        for i, m in enumerate(feats):
-            if isinstance(m, nn.ReLU):
-                feats[i] = nn.ReLU(inplace=False)
-        self.features = feats.eval().requires_grad_(False)
+        self.features = _vgg16_features(vgg_state, _VGG16_TAPS[-1])
         lins = []
         for i, c in enumerate(_VGG16_CHANNELS):
             w = lin_state.get(f"lin{i}.model.1.weight", lin_state.get(f"lins.{i}.model.1.weight"))
@@ -143,7 +149,7 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
 
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     cov1, cov2 = np.asarray(cov1, np.float64), np.asarray(cov2, np.float64)
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    covmean = linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():
         # Near-singular products: a small ridge keeps the square root defined.
         eps = np.eye(cov1.shape[0]) * 1e-6
