@@ -3,7 +3,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from calgan_fast.metrics import LPIPS, InceptionFeatures, fid, frechet_distance, psnr, rgb_to_y, ssim
+from calgan_fast.metrics import DISTS, LPIPS, InceptionFeatures, fid, frechet_distance, psnr, rgb_to_y, ssim
 
 
 def _pair(seed=0, shape=(40, 52, 3), noise=12):
@@ -65,12 +65,18 @@ def _lin_file(path, scale=1.0):
                 for i, c in enumerate((64, 128, 256, 512, 512))}, path)
 
 
-def test_lpips_with_local_random_weights(tmp_path):
-    _vgg16_features_file(tmp_path / "vgg16.pth")
+@pytest.fixture(scope="module")
+def vgg16_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    _vgg16_features_file(path)
+    return path
+
+
+def test_lpips_with_local_random_weights(tmp_path, vgg16_file):
     _lin_file(tmp_path / "lin.pth")
     _lin_file(tmp_path / "lin2.pth", scale=2.0)
-    m = LPIPS(tmp_path / "vgg16.pth", tmp_path / "lin.pth")
-    m2 = LPIPS(tmp_path / "vgg16.pth", tmp_path / "lin2.pth")
+    m = LPIPS(vgg16_file, tmp_path / "lin.pth")
+    m2 = LPIPS(vgg16_file, tmp_path / "lin2.pth")
     g = torch.Generator().manual_seed(0)
     a = torch.rand(2, 3, 32, 32, generator=g)
     b = (a + 0.1 * torch.randn(2, 3, 32, 32, generator=g)).clamp(0, 1)
@@ -83,12 +89,29 @@ def test_lpips_with_local_random_weights(tmp_path):
     torch.testing.assert_close(m2(a, b), 2 * d_ab)  # linear in the lin weights
 
 
-def test_learned_metrics_name_missing_files(tmp_path):
+def test_dists_with_local_random_weights(tmp_path, vgg16_file):
+    g = torch.Generator().manual_seed(2)
+    torch.save({"alpha": torch.rand(1, 1475, 1, 1, generator=g), "beta": torch.rand(1, 1475, 1, 1, generator=g)},
+               tmp_path / "ab.pt")
+    m = DISTS(vgg16_file, tmp_path / "ab.pt")
+    a = torch.rand(2, 3, 32, 32, generator=g)
+    b = (a + 0.1 * torch.randn(2, 3, 32, 32, generator=g)).clamp(0, 1)
+    c = torch.rand(2, 3, 32, 32, generator=g)
+    torch.testing.assert_close(m(a, a), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(m(a, b), m(b, a))
+    assert (m(a, b) > 1e-4).all() and (m(a, c) > m(a, b)).all()
+    torch.save({"alpha": torch.rand(1, 10, 1, 1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="'alpha' with 1475 values not found"):
+        DISTS(vgg16_file, tmp_path / "bad.pt")
+
+
+def test_learned_metrics_name_missing_files(tmp_path, vgg16_file):
     with pytest.raises(FileNotFoundError, match=r"VGG16 \(LPIPS backbone\) weights not found: looked for .*nope\.pth"):
         LPIPS(tmp_path / "nope.pth", tmp_path / "lin.pth")
-    _vgg16_features_file(tmp_path / "vgg16.pth")
     with pytest.raises(FileNotFoundError, match=r"LPIPS linear layers weights not found: .*lin\.pth"):
-        LPIPS(tmp_path / "vgg16.pth", tmp_path / "lin.pth")
+        LPIPS(vgg16_file, tmp_path / "lin.pth")
+    with pytest.raises(FileNotFoundError, match=r"DISTS alpha/beta weights not found: .*ab\.pt"):
+        DISTS(vgg16_file, tmp_path / "ab.pt")
     with pytest.raises(FileNotFoundError, match=r"Inception-v3 \(FID\) weights not found: .*incep\.pth"):
         InceptionFeatures(tmp_path / "incep.pth")
 

@@ -1,4 +1,4 @@
-"""Learned perceptual metrics whose weights must be present locally: LPIPS (VGG) and FID.
+"""Learned perceptual metrics whose weights must be present locally: LPIPS (VGG), DISTS, FID.
 
 Nothing is downloaded. Each metric takes the path of every file it needs (defaults: the file
 names torchvision and the reference implementations use, looked up in the torch hub cache
@@ -7,6 +7,8 @@ names torchvision and the reference implementations use, looked up in the torch 
 - LPIPS (Zhang et al., 2018), VGG variant: VGG16 features at relu1_2 ... relu5_3, unit-normalised
   along channels, squared differences weighted by learned 1x1 "lin" layers, averaged over space,
   summed over layers. Needs torchvision's ``vgg16-397923af.pth`` and LPIPS's ``vgg.pth`` (v0.1).
+- DISTS (Ding et al., 2020): VGG16 with L2 pooling, structure and texture similarity per channel
+  weighted by learned alpha/beta. Needs ``vgg16-397923af.pth`` and the DISTS weights file.
 - FID: Fréchet distance between Gaussians fitted to Inception-v3 pool features (2048-d) of two
   image sets. Needs an Inception-v3 state dict for torchvision's ``inception_v3``; with
   torchvision's ImageNet weights (``inception_v3_google-0cc3c7bd.pth``) the numbers are close to,
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LPIPS", "InceptionFeatures", "frechet_distance", "fid", "hub_file"]
+__all__ = ["DISTS", "LPIPS", "InceptionFeatures", "frechet_distance", "fid", "hub_file"]
 
 VGG16_FILE = "vgg16-397923af.pth"
 LPIPS_VGG_FILE = "lpips_vgg_v0.1.pth"
@@ -117,6 +119,96 @@ class LPIPS(nn.Module):
             total = total + ((na - nb).square() * w).sum(1).mean((1, 2))
             offset += c
         return total
+
+
+DISTS_FILE = "dists_weights.pt"
+_DISTS_CHANNELS = (3, 64, 128, 256, 512, 512)
+
+
+class _L2Pool(nn.Module):
+    """DISTS's replacement for max pooling: sqrt of a Hanning-blurred square, stride 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        a = torch.tensor([0.5, 1.0, 0.5])
+        g = a[:, None] * a[None, :]
+        self.register_buffer("filt", (g / g.sum()).expand(channels, 1, 3, 3).contiguous(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (F.conv2d(x * x, self.filt, stride=2, padding=1, groups=x.shape[1]) + 1e-12).sqrt()
+
+
+class DISTS(nn.Module):
+    """DISTS (Ding et al., 2020): ``forward(a, b)``, ``(B, 3, H, W)`` in [0, 1] -> ``(B,)``, 0 for equal images.
+
+    VGG16 with L2 pooling; at the input and after each of the 5 stages, per channel, a structure
+    term (means) and a texture term (variances, covariance) weighted by learned ``alpha``/``beta``.
+
+    Args:
+        vgg_path: torchvision VGG16 state dict; default the hub cache's ``vgg16-397923af.pth``.
+        weights_path: the DISTS ``alpha``/``beta`` file (each ``(1, 1475, 1, 1)``); default
+            ``dists_weights.pt`` in the hub cache.
+    """
+
+    def __init__(self, vgg_path: str | os.PathLike | None = None, weights_path: str | os.PathLike | None = None):
+        super().__init__()
+        vgg = _vgg16_features(_load(vgg_path, VGG16_FILE, "VGG16 (DISTS backbone)"), _VGG16_TAPS[-1])
+        ab = _load(weights_path, DISTS_FILE, "DISTS alpha/beta")
+        total = sum(_DISTS_CHANNELS)
+        for key in ("alpha", "beta"):
+            if key not in ab or ab[key].numel() != total:
+                raise ValueError(f"DISTS alpha/beta: {key!r} with {total} values not found")
+        # Stages end at relu1_2 .. relu5_3; every max pool becomes an L2 pool.
+        stages, start = [], 0
+        for tap in _VGG16_TAPS:
+            layers = [(_L2Pool(m_prev.out_channels) if isinstance(m, nn.MaxPool2d) else m)
+                      for m, m_prev in zip(vgg[start:tap + 1], _prev_convs(vgg, start, tap))]
+            stages.append(nn.Sequential(*layers))
+            start = tap + 1
+        self.stages = nn.ModuleList(stages).eval().requires_grad_(False)
+        self.register_buffer("alpha", ab["alpha"].float().reshape(-1), persistent=False)
+        self.register_buffer("beta", ab["beta"].float().reshape(-1), persistent=False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def _feats(self, x: Tensor) -> list[Tensor]:
+        h = (x - self.mean) / self.std
+        out = [x]  # the input stage uses the raw image, as DISTS does
+        for st in self.stages:
+            h = st(h)
+            out.append(h)
+        return out
+
+    @torch.no_grad()
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.shape != b.shape or a.dim() != 4:
+            raise ValueError(f"a and b: expected two (B, 3, H, W) of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+        c1 = c2 = 1e-6
+        wsum = self.alpha.sum() + self.beta.sum()
+        s1 = s2 = a.new_zeros(a.shape[0])
+        off = 0
+        for fa, fb, c in zip(self._feats(a), self._feats(b), _DISTS_CHANNELS):
+            al = (self.alpha[off:off + c] / wsum).view(1, c)
+            be = (self.beta[off:off + c] / wsum).view(1, c)
+            ma, mb = fa.mean((2, 3)), fb.mean((2, 3))
+            va = (fa - ma[..., None, None]).square().mean((2, 3))
+            vb = (fb - mb[..., None, None]).square().mean((2, 3))
+            cov = (fa * fb).mean((2, 3)) - ma * mb
+            s1 = s1 + (al * (2 * ma * mb + c1) / (ma * ma + mb * mb + c1)).sum(1)
+            s2 = s2 + (be * (2 * cov + c2) / (va + vb + c2)).sum(1)
+            off += c
+        return 1 - (s1 + s2)
+
+
+def _prev_convs(vgg: nn.Sequential, start: int, stop: int) -> list[nn.Module]:
+    """For each layer in ``vgg[start:stop + 1]``, the last conv at or before it (channel count)."""
+    last, out = None, []
+    for i, m in enumerate(vgg):
+        if isinstance(m, nn.Conv2d):
+            last = m
+        if start <= i <= stop:
+            out.append(last)
+    return out
 
 
 class InceptionFeatures(nn.Module):
