@@ -70,18 +70,31 @@ def _load_model(args):
 
 
 def _cmd_eval(args) -> int:
-    from .train.evaluate import evaluate_folders, evaluate_model, markdown_table, write_results
+    from .train.evaluate import (
+        evaluate_folders,
+        evaluate_model,
+        learned_metrics,
+        markdown_table,
+        write_results,
+    )
 
+    if args.sr and (args.model or args.lr):
+        raise ValueError("give either --sr DIR or --model CKPT --lr DIR, not both")
+    if not args.sr and not (args.model and args.lr):
+        raise ValueError("give --sr DIR, or --model CKPT with --lr DIR")
+    learned, fid_ext = {}, None
+    if not args.psnr_only:
+        notes: list[str] = []
+        learned, fid_ext = learned_metrics(args.vgg16, args.lpips_weights, args.dists_weights,
+                                           args.inception, notes)
+        for n in notes:
+            print(f"calgan: note: {n}", file=sys.stderr)
     if args.sr:
-        if args.model or args.lr:
-            raise ValueError("give either --sr DIR or --model CKPT --lr DIR, not both")
-        res = evaluate_folders(args.sr, args.gt, args.scale, args.crop_border, not args.rgb)
+        res = evaluate_folders(args.sr, args.gt, args.scale, args.crop_border, not args.rgb, learned, fid_ext)
     else:
-        if not (args.model and args.lr):
-            raise ValueError("give --sr DIR, or --model CKPT with --lr DIR")
         model, device, scale = _load_model(args)
         res = evaluate_model(model, args.lr, args.gt, scale, args.crop_border, not args.rgb,
-                             args.tile, device)
+                             args.tile, device, learned, fid_ext)
     print(markdown_table(res), end="")
     if args.out:
         paths = write_results(res, args.out, args.overwrite)
@@ -144,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(e, required=False)
     e.add_argument("--crop-border", type=int, default=None, help="border removed (default: the scale)")
     e.add_argument("--rgb", action="store_true", help="measure on RGB instead of the Y channel")
+    e.add_argument("--psnr-only", action="store_true", help="skip LPIPS, DISTS and FID")
+    e.add_argument("--vgg16", help="torchvision VGG16 weights for LPIPS/DISTS (default: torch hub cache)")
+    e.add_argument("--lpips-weights", help="LPIPS linear layers (default: lpips_vgg_v0.1.pth in the hub cache)")
+    e.add_argument("--dists-weights", help="DISTS alpha/beta (default: dists_weights.pt in the hub cache)")
+    e.add_argument("--inception", help="Inception-v3 weights for FID (default: torchvision's, hub cache)")
     e.add_argument("--out", help="folder for metrics.csv / .json / .md")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=_cmd_eval)
