@@ -122,7 +122,13 @@ def test_resume_equals_uninterrupted(tmp_path):
         with pytest.raises(RunFolderError, match="holds no checkpoint"):
             train(cfg, tmp_path / "c", resume=True, progress=False)
         train(cfg, tmp_path / "b", resume=True, progress=False)
+        # Killed after iteration 5 with its last checkpoint at 4: resuming redoes iteration 5.
+        cfg["logger"]["save_checkpoint_freq"] = 2
+        train(cfg, tmp_path / "k", stop_after=5, progress=False)
+        (tmp_path / "k" / "checkpoints" / "iter_0000005.pth").unlink()
+        train(cfg, tmp_path / "k", resume=True, progress=False)
     a, b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert _log(tmp_path / "k") == a
     assert len(a) == len(b) == 7
     assert a == b
     ga = torch.load(tmp_path / "a" / "models" / "net_g_final.pth", weights_only=True)

@@ -344,6 +344,19 @@ class Trainer:
         self.acc_window.extend(st["acc_window"])
         _set_rng_state(st["rng"])
         self.it = st["iter"]
+        if self.is_main:
+            self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        # A run killed between checkpoints logged iterations that will now be redone.
+        path = self.out / "train_log.jsonl"
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and json.loads(ln)["iter"] <= self.it]
+        tmp = path.with_name(".train_log.jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        os.replace(tmp, path)
 
     # ---------------------------------------------------------------- steps
     def _autocast(self):
