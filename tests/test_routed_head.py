@@ -207,3 +207,20 @@ def test_backend_env_override(monkeypatch):
     monkeypatch.delenv("CALGAN_FAST_BACKEND")
     assert resolve_backend("auto", torch.device("cpu")).name in ("cpu", "torch")
     assert "reference" in calgan_fast.available_backends("cpu")
+
+
+def test_torch_compile_traces_the_op():
+    inputs = make_inputs(40, 8, 3, 2, requires_grad=True)
+    floats = [inputs[0], *inputs[2:]]
+
+    def f(*args):
+        out = routed_head(*args, backend="torch", check_range=False)
+        return out.logits.sum() + out.mean.sum() + out.var.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(*inputs)
+    (g_got,) = torch.autograd.grad(got, [floats[2]])
+    want = f(*inputs)
+    (g_want,) = torch.autograd.grad(want, [floats[2]])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
