@@ -238,7 +238,10 @@ class Trainer:
         from .. import CALGANDiscriminator
 
         self.net_d = CALGANDiscriminator(**cfg["network_d"]).to(self.device)
-        if self.distributed and tr["sync_bn"]:
+        if tr["sync_bn"] and self.distributed and self.device.type == "cpu":
+            warnings.warn("train.sync_bn needs GPUs (torch's SyncBatchNorm does not run on CPU): "
+                          "each process keeps its own BatchNorm statistics", stacklevel=2)
+        elif self.distributed and tr["sync_bn"]:
             self.net_d = nn.SyncBatchNorm.convert_sync_batchnorm(self.net_d)
         if self.distributed:
             # Same initial weights everywhere.
