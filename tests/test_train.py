@@ -175,3 +175,22 @@ def test_ddp_two_processes_gloo_match_one_process(tmp_path):
     for x, y in zip(a[:3], b[:3]):  # phase 1 (L1 only): the same gradients
         assert x["l_pix"] == pytest.approx(y["l_pix"], rel=1e-4, abs=1e-6)
     assert (tmp_path / "ddp" / "models" / "net_g_final.pth").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CALGAN_FAST_SLOW_TESTS", "0") in ("", "0"),
+                    reason="runs the quickstart preset (minutes); set CALGAN_FAST_SLOW_TESTS=1")
+def test_quickstart_learns(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALGAN_FAST_HOME", str(tmp_path / "home"))
+    cfg = load_config("quickstart")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg, tmp_path / "run", progress=False)
+    log = _log(tmp_path / "run")
+    p1 = [x["l_pix"] for x in log if x["phase"] == 1]
+    assert np.mean(p1[-5:]) < 0.6 * np.mean(p1[:3])  # L1 goes down
+    p2 = [0.5 * (x["d_acc_real"] + x["d_acc_fake"]) for x in log if x["phase"] == 2]
+    assert np.mean(p2[-5:]) > 0.75  # well above chance
+    run = tmp_path / "run"
+    assert list((run / "samples").glob("*_routing.png")) and list((run / "checkpoints").glob("*.pth"))
+    assert json.loads((run / "metrics.json").read_text())["final"]["psnr"] > 20
