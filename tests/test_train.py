@@ -80,6 +80,14 @@ def test_config_errors(tmp_path):
         load_config(None, tmp_path / "nope.yml")
     with pytest.raises(ConfigError, match="dataroot_gt is not set"):
         load_config(None)
+    cfg.write_text("train:\n  total_iter: 1e3\n")
+    with pytest.raises(ConfigError, match=r"train\.total_iter = '1e3'; expected an integer"):
+        load_config("quickstart", cfg)
+    cfg.write_text("datasets:\n  train:\n    use_rot: maybe\n")
+    with pytest.raises(ConfigError, match=r"datasets\.train\.use_rot = 'maybe'; expected true or false"):
+        load_config("quickstart", cfg)
+    cfg.write_text("train:\n  optim_g:\n    lr: 1e-4\n")  # YAML reads 1e-4 as a string
+    assert load_config("quickstart", cfg)["train"]["optim_g"]["lr"] == 1e-4
     cfg.write_text("network_g:\n  num_block: 2\n")  # same type: updated, not replaced
     assert load_config("quickstart", cfg)["network_g"]["num_feat"] == 16
 

@@ -167,8 +167,34 @@ def merge(base: Mapping, update: Mapping, where: str = "config", _path: tuple = 
             same = value.get("type", out[key].get("type")) == out[key].get("type")
             out[key] = {**(out[key] if same else {}), **copy.deepcopy(dict(value))}
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _typed(out[key], value, f"{where}: {dotted}")
     return out
+
+
+def _typed(default, value, what: str):
+    """``value`` checked against the type of its default (YAML reads ``1e-4`` as a string)."""
+    if default is None or value is None:
+        return copy.deepcopy(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} = {value!r}; expected true or false")
+        return value
+    if isinstance(default, float):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} = {value!r}; expected a number") from None
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{what} = {value!r}; expected an integer")
+        return value
+    if isinstance(default, list) and not isinstance(value, list):
+        raise ConfigError(f"{what} = {value!r}; expected a list")
+    if isinstance(default, str) and not isinstance(value, (str, bool)):
+        raise ConfigError(f"{what} = {value!r}; expected a string")
+    return copy.deepcopy(value)
 
 
 _CHOICES = {
