@@ -151,3 +151,21 @@ def test_bad_inputs_one_clear_line(tmp_path, tiny_ckpt, capsys):
     _one_error_line(capsys, "nope: --sr folder not found")
     assert main(["train", "--out", str(tmp_path / "norun"), "--resume"]) == 2
     _one_error_line(capsys, "config.yml: no saved config")
+
+
+def test_train_and_resume_from_the_command_line(tmp_path, capsys):
+    import yaml
+    from tests.test_train import _log, _photos, _tiny
+
+    cfg = _tiny(_photos(tmp_path / "data"), pretrain_iter=2, total_iter=2)
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tmp_path / "c.yml"), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"final model  {run / 'models' / 'net_g_final.pth'}" in out and "routing maps" in out
+    assert main(["train", "--config", str(tmp_path / "c.yml"), "--out", str(run)]) == 2
+    _one_error_line(capsys, "already holds a run; add --resume")
+    # --resume alone takes the run's saved config; a finished run stays as it was.
+    before = _log(run)
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert _log(run) == before
