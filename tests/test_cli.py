@@ -155,6 +155,7 @@ def test_bad_inputs_one_clear_line(tmp_path, tiny_ckpt, capsys):
 
 def test_train_and_resume_from_the_command_line(tmp_path, capsys):
     import yaml
+
     from tests.test_train import _log, _photos, _tiny
 
     cfg = _tiny(_photos(tmp_path / "data"), pretrain_iter=2, total_iter=2)

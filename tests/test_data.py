@@ -11,6 +11,7 @@ from calgan_fast.data import (
     ImageError,
     PairedFolderDataset,
     TrainSampler,
+    image_size,
     imresize,
     list_images,
     read_image,
@@ -96,6 +97,18 @@ def test_read_write_roundtrip(tmp_path):
     out = read_image(tmp_path / "g.png")
     assert out.shape == (4, 5, 3) and np.array_equal(out[:, :, 1], grey)
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write leaves no temp file
+
+
+def test_header_sizes(tmp_path):
+    img = _write_noise(tmp_path / "a.png", 10, 12)
+    write_image(tmp_path / "a.jpg", img)
+    write_image(tmp_path / "a.bmp", img)
+    for ext in ("png", "jpg", "bmp"):
+        assert image_size(tmp_path / f"a.{ext}") == (10, 12), ext
+    import skimage.data
+
+    rocket = Path(skimage.data.__file__).parent / "rocket.jpg"  # a real camera JPEG
+    assert image_size(rocket) == read_image(rocket).shape[:2]
 
 
 def test_bad_images_give_clear_errors(tmp_path):

@@ -101,7 +101,10 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(f"{path}: {size[1]}x{size[0]} image exceeds the limit of {max_pixels} pixels "
                          "(datasets.*.max_pixels)")
     buf = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    except cv2.error as exc:  # OpenCV's own pixel limit, truncated streams, ...
+        raise ImageError(f"{path}: cannot decode image ({str(exc).strip().splitlines()[-1]})") from None
     if img is None:
         raise ImageError(f"{path}: cannot decode image (corrupt or unsupported format)")
     if img.shape[0] * img.shape[1] > max_pixels:
