@@ -1,4 +1,4 @@
-"""Inference helpers: tiled super-resolution of large images and EMA of generator weights."""
+"""Inference utilities: tiled super-resolution of large images and EMA of generator weights."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class RunFolderError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# small helpers
+# small utilities
 
 
 def _dist_info() -> tuple[int, int, int]:
