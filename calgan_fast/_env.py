@@ -15,8 +15,12 @@ def backend_override() -> str | None:
 
 
 def triton_interpret() -> bool:
-    """True when Triton kernels run on CPU tensors through the interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run on CPU tensors through the interpreter.
+
+    Reads ``TRITON_INTERPRET`` the way Triton does (1/true/yes/on/y, any case), so that this
+    package and Triton never disagree about it.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
 #: Folder for data calgan_fast writes for the user (the quick start's sample photos).

@@ -1,5 +1,25 @@
+import os
+
 import pytest
 import torch
+
+# Triton fixes interpreted-or-compiled for its own library functions when triton.language is
+# first imported. Without a GPU its kernels can only run through the interpreter, so import it in
+# interpreter mode before anything else does; the variable itself is then unset again, and only
+# the tests that run Triton kernels on CPU tensors (tests/test_triton.py) turn it on.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        _gpu = torch.cuda.is_available()
+    except Exception:
+        _gpu = False
+    if not _gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import triton.language  # noqa: F401
+        except ImportError:
+            pass
+        finally:
+            del os.environ["TRITON_INTERPRET"]
 
 
 def _has_gpu() -> bool:

@@ -152,3 +152,16 @@ def test_routing_image():
     with pytest.raises(IndexError):
         routing_image(r, index=2)
     assert isinstance(r, Routing) and r.num_experts == 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_autocast_bf16(backend):
+    D = _d(backend=backend).train()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = D(x, return_aux=True)
+        loss = out.logits.float().mean() + out.stats.var.sum()
+    loss.backward()
+    assert out.stats.mean.dtype == torch.float32
+    assert D.proj.grad is not None and D.proj.grad.dtype == torch.float32
+    assert torch.isfinite(D.proj.grad).all()

@@ -34,6 +34,12 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _no_autocast(device: torch.device):
+    """The kernels choose their own precisions (fp32 accumulation): autocast must not recast
+    the matmuls of the ``torch`` backend or the reference when a model runs under AMP."""
+    return torch.autocast(device_type=device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False)
+
+
 def _make_ops(name: str):
     fwd_name = f"calgan_fast::routed_head_fwd_{name}"
     bwd_name = f"calgan_fast::routed_head_bwd_{name}"
@@ -43,7 +49,8 @@ def _make_ops(name: str):
         x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor,
         w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return tuple(BACKENDS[name].impl().forward(x, expert, gate, proj, w1, b1, w2, b2, backend=name))
+        with _no_autocast(x.device):
+            return tuple(BACKENDS[name].impl().forward(x, expert, gate, proj, w1, b1, w2, b2, backend=name))
 
     @fwd.register_fake
     def _fwd_fake(x, expert, gate, proj, w1, b1, w2, b2):
@@ -65,10 +72,11 @@ def _make_ops(name: str):
         proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, count: Tensor,
         mean: Tensor, perm: Tensor, offsets: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return tuple(BACKENDS[name].impl().backward(
-            glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm,
-            offsets, backend=name,
-        ))
+        with _no_autocast(x.device):
+            return tuple(BACKENDS[name].impl().backward(
+                glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm,
+                offsets, backend=name,
+            ))
 
     @bwd.register_fake
     def _bwd_fake(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean,
@@ -206,7 +214,8 @@ def routed_head(
     check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, check_range=check_range)
     b = resolve_backend(backend, x.device)
     if b.name == "reference":
-        logits, count, mean, var = routed_head_ref(x, expert, gate, proj, w1, b1, w2, b2)
+        with _no_autocast(x.device):
+            logits, count, mean, var = routed_head_ref(x, expert, gate, proj, w1, b1, w2, b2)
         sd = _stat_dtype(x.dtype)
         return RoutedHeadOutput(logits.to(x.dtype), count, mean.to(sd), var.to(sd))
     dt = x.dtype

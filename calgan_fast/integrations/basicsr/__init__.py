@@ -1,0 +1,248 @@
+"""CAL-GAN in BasicSR: a discriminator arch, a ``CALGANModel`` and a training entry point.
+
+Importing this module registers, in BasicSR's registries:
+
+- ``ARCH_REGISTRY["CALGANFastDiscriminator"]``: :class:`CALGANFastDiscriminator`, the
+  :class:`calgan_fast.CALGANDiscriminator` under a name no BasicSR arch uses. Use it as
+  ``network_d: {type: CALGANFastDiscriminator, num_feat: 64, num_experts: 12}``.
+- ``MODEL_REGISTRY["CALGANModel"]``: :class:`CALGANModel`, BasicSR's ``SRGANModel`` with the
+  CAL-GAN generator and discriminator steps (DESIGN §4), configured by ``train: calgan_opt:``.
+
+Run BasicSR's own training loop with both registered::
+
+    python -m calgan_fast.integrations.basicsr -opt examples/basicsr_calgan.yml
+
+It accepts BasicSR's options (``--auto_resume``, ``--debug``, ``--force_yml``, ``--launcher``) and
+writes ``experiments/`` and ``tb_logger/`` under the current directory.
+
+BasicSR 1.4.2 imports ``torchvision.transforms.functional_tensor``, a module current torchvision
+no longer has; this module installs an in-process alias first
+(see :mod:`calgan_fast.integrations._torchvision_compat`), so the
+user's installed packages stay untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+
+from ...losses import discriminator_loss, generator_adversarial_loss
+from ...nn.discriminator import CALGANDiscriminator
+from .._torchvision_compat import install_functional_tensor_alias
+
+install_functional_tensor_alias()
+try:
+    from basicsr.models.srgan_model import SRGANModel
+    from basicsr.utils import get_root_logger
+    from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "calgan_fast.integrations.basicsr needs BasicSR 1.4.2: "
+        'pip install --no-build-isolation "calgan_fast[basicsr]" '
+        "(BasicSR builds from source and its setup imports torch, hence --no-build-isolation)"
+    ) from err
+
+__all__ = ["ARCH_NAME", "MODEL_NAME", "CALGANFastDiscriminator", "CALGANModel", "CALGANOptions", "main"]
+
+ARCH_NAME = "CALGANFastDiscriminator"
+MODEL_NAME = "CALGANModel"
+
+_GANS = ("relativistic", "vanilla")
+_BALANCE_MODES = ("paper", "switch")
+#: λ_g of the paper (Eq. 1), used when neither ``calgan_opt.gen_weight`` nor ``gan_opt`` gives one.
+DEFAULT_GEN_WEIGHT = 0.005
+
+
+class CALGANFastDiscriminator(CALGANDiscriminator):
+    """:class:`calgan_fast.CALGANDiscriminator` as a BasicSR arch (same parameters and state_dict).
+
+    Accepts BasicSR's ``num_in_ch`` as another name for ``in_channels``, so a ``network_d:`` block
+    written for ``VGGStyleDiscriminator`` or ``UNetDiscriminatorSN`` only needs its ``type`` changed
+    (and ``num_experts`` added). ``forward(x)`` returns logits ``(B, 1, H/4, W/4)``, so BasicSR's stock
+    GAN models can also drive it, without the HR routing reuse and the extra losses of :class:`CALGANModel`.
+    """
+
+    def __init__(self, in_channels: int = 3, num_feat: int = 64, num_experts: int = 12,
+                 hidden: int | None = None, routing: str = "gumbel", tau: float = 1.0,
+                 share_classifier: bool = False, backend: str = "auto", *, num_in_ch: int | None = None):
+        if num_in_ch is not None:
+            if in_channels not in (3, num_in_ch):
+                raise ValueError(f"num_in_ch: {num_in_ch} contradicts in_channels={in_channels}; give one of them")
+            in_channels = num_in_ch
+        super().__init__(in_channels, num_feat, num_experts, hidden, routing, tau, share_classifier, backend)
+
+
+@dataclass(frozen=True)
+class CALGANOptions:
+    """The ``train: calgan_opt:`` block of a BasicSR YAML (all keys optional).
+
+    Attributes:
+        balance_weight, ortho_weight, dist_weight, adv_weight: λ_b, λ_o, λ_d, λ_dis of
+            ``L_D`` (defaults: the paper's 0.05, 10, 10, 1).
+        gen_weight: λ_g of the generator's adversarial loss. ``None`` takes ``gan_opt.loss_weight``
+            when the YAML has a ``gan_opt`` block, else the paper's 0.005.
+        balance_mode: ``"paper"`` (Eq. 4) or ``"switch"`` (the authors' code).
+        gan: ``"relativistic"`` (the paper's) or ``"vanilla"``; used by both D and G.
+    """
+
+    balance_weight: float = 0.05
+    ortho_weight: float = 10.0
+    dist_weight: float = 10.0
+    adv_weight: float = 1.0
+    gen_weight: float | None = None
+    balance_mode: str = "paper"
+    gan: str = "relativistic"
+
+    def __post_init__(self):
+        for name in ("balance_weight", "ortho_weight", "dist_weight", "adv_weight", "gen_weight"):
+            value = getattr(self, name)
+            if value is None and name == "gen_weight":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"train:calgan_opt:{name}: expected a finite number >= 0, got {value!r}")
+        if self.balance_mode not in _BALANCE_MODES:
+            raise ValueError(f"train:calgan_opt:balance_mode: expected one of {_BALANCE_MODES}, got {self.balance_mode!r}")
+        if self.gan not in _GANS:
+            raise ValueError(f"train:calgan_opt:gan: expected one of {_GANS}, got {self.gan!r}")
+
+    @classmethod
+    def from_train_opt(cls, train_opt: Mapping) -> CALGANOptions:
+        """Read ``train_opt["calgan_opt"]`` (missing or empty: the paper's settings)."""
+        block = train_opt.get("calgan_opt") or {}
+        if not isinstance(block, Mapping):
+            raise ValueError(f"train:calgan_opt: expected a mapping, got {type(block).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(block) - known
+        if unknown:
+            raise ValueError(f"train:calgan_opt: unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**dict(block))
+
+    def d_weights(self) -> dict[str, float]:
+        """The weights in the form :func:`calgan_fast.losses.discriminator_loss` takes."""
+        return {"balance": self.balance_weight, "ortho": self.ortho_weight, "dist": self.dist_weight,
+                "adv": self.adv_weight}
+
+
+class CALGANModel(SRGANModel):
+    """BasicSR's ``SRGANModel`` trained the CAL-GAN way (DESIGN §4).
+
+    Generator step (every ``net_d_iters`` iterations after ``net_d_init_iters``, as in BasicSR):
+    ``pixel_opt`` and ``perceptual_opt`` losses as configured, plus ``gen_weight · L_gen`` where D
+    scores the SR image with the experts of the HR image
+    (:func:`calgan_fast.losses.generator_adversarial_loss`).
+
+    Discriminator step (every iteration): the real (HR) pass first; its routing, detached, routes
+    the SR pass; ``L_D = λ_b L_b + λ_o L_o + λ_d L_dist + λ_dis L_dis`` from the real pass's router
+    and expert statistics (:func:`calgan_fast.losses.discriminator_loss`).
+
+    ``network_d`` must be a :class:`calgan_fast.CALGANDiscriminator` (e.g. ``type:
+    CALGANFastDiscriminator``). ``gan_opt``, if present, only supplies the default ``gen_weight``:
+    the form of the adversarial loss is ``calgan_opt.gan``. Logged values: ``l_g_pix``,
+    ``l_g_percep``, ``l_g_style``, ``l_g_gan``, ``l_d_total``, ``l_d_adv``, ``l_d_balance``,
+    ``l_d_ortho``, ``l_d_dist``, ``acc_d_real``, ``acc_d_fake``, ``d_experts_used``.
+    """
+
+    def init_training_settings(self):
+        super().init_training_settings()
+        bare = self.get_bare_model(self.net_d)
+        if not isinstance(bare, CALGANDiscriminator):
+            raise TypeError(f"network_d: {MODEL_NAME} needs a CAL-GAN discriminator (type: {ARCH_NAME}), "
+                            f"got {type(bare).__name__}")
+        train_opt = self.opt["train"]
+        self.calgan_opt = CALGANOptions.from_train_opt(train_opt)
+        gen_weight = self.calgan_opt.gen_weight
+        if gen_weight is None:
+            gan_opt = train_opt.get("gan_opt")
+            gen_weight = float(gan_opt.get("loss_weight", 1.0)) if gan_opt else DEFAULT_GEN_WEIGHT
+        self.gen_weight = float(gen_weight)
+        get_root_logger().info(f"CAL-GAN options: {asdict(self.calgan_opt)}; generator adversarial "
+                               f"weight {self.gen_weight:g}")
+
+    def optimize_parameters(self, current_iter):
+        opts = self.calgan_opt
+        loss_dict = OrderedDict()
+
+        # Generator: D's parameters get no gradient (the loss also freezes them, this saves the work).
+        for p in self.net_d.parameters():
+            p.requires_grad = False
+        self.optimizer_g.zero_grad()
+        self.output = self.net_g(self.lq)
+        if current_iter % self.net_d_iters == 0 and current_iter > self.net_d_init_iters:
+            l_g_total = 0
+            if self.cri_pix:
+                l_g_pix = self.cri_pix(self.output, self.gt)
+                l_g_total += l_g_pix
+                loss_dict["l_g_pix"] = l_g_pix
+            if self.cri_perceptual:
+                l_g_percep, l_g_style = self.cri_perceptual(self.output, self.gt)
+                if l_g_percep is not None:
+                    l_g_total += l_g_percep
+                    loss_dict["l_g_percep"] = l_g_percep
+                if l_g_style is not None:
+                    l_g_total += l_g_style
+                    loss_dict["l_g_style"] = l_g_style
+            l_g_gan = self.gen_weight * generator_adversarial_loss(self.net_d, self.gt, self.output, gan=opts.gan)
+            l_g_total += l_g_gan
+            loss_dict["l_g_gan"] = l_g_gan
+            l_g_total.backward()
+            self.optimizer_g.step()
+
+        # Discriminator: real pass, SR pass routed by the real routing, all CAL-GAN losses.
+        for p in self.net_d.parameters():
+            p.requires_grad = True
+        self.optimizer_d.zero_grad()
+        d = discriminator_loss(self.net_d, self.gt, self.output.detach(), weights=opts.d_weights(),
+                               balance=opts.balance_mode, gan=opts.gan)
+        d["total"].backward()
+        self.optimizer_d.step()
+        loss_dict["l_d_total"] = d["total"].detach()
+        for key in ("adv", "balance", "ortho", "dist"):
+            loss_dict[f"l_d_{key}"] = d[key].detach()
+        loss_dict["acc_d_real"] = d["acc_real"]
+        loss_dict["acc_d_fake"] = d["acc_fake"]
+        loss_dict["d_experts_used"] = (d["stats"].count > 0).sum().float()
+
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+
+def _register(registry, name: str, obj) -> None:
+    """Register ``obj`` as ``name``; a reload of this module re-registers, a foreign object is an error."""
+    if name in registry:
+        old = registry.get(name)
+        if (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) != (obj.__module__, obj.__qualname__):
+            raise RuntimeError(f"BasicSR's {registry._name} registry already holds a different {name!r} "
+                               f"({old.__module__}.{old.__qualname__})")
+        registry._obj_map[name] = obj
+        return
+    registry.register(obj)
+
+
+_register(ARCH_REGISTRY, ARCH_NAME, CALGANFastDiscriminator)
+_register(MODEL_REGISTRY, MODEL_NAME, CALGANModel)
+
+
+def main(argv: Sequence[str] | None = None, root_path: str | os.PathLike | None = None) -> None:
+    """Run BasicSR's ``train_pipeline`` with the CAL-GAN arch and model registered.
+
+    Args:
+        argv: BasicSR's command-line arguments (``["-opt", "X.yml", ...]``); ``None`` reads
+            ``sys.argv[1:]``. BasicSR parses ``sys.argv`` itself, so a given ``argv`` replaces it
+            for the duration of the call.
+        root_path: where ``experiments/`` and ``tb_logger/`` go (default: the current directory).
+    """
+    from basicsr.train import train_pipeline
+
+    root = os.path.abspath(os.fspath(root_path) if root_path is not None else os.getcwd())
+    saved = sys.argv
+    if argv is not None:
+        sys.argv = [saved[0] if saved else "calgan_fast.integrations.basicsr", *argv]
+    try:
+        train_pipeline(root)
+    finally:
+        sys.argv = saved
