@@ -21,3 +21,15 @@ def triton_interpret() -> bool:
     package and Triton never disagree about it.
     """
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+#: Folder for data calgan_fast writes for the user (the quick start's sample photos).
+HOME_ENV = "CALGAN_FAST_HOME"
+
+
+def data_home():
+    """``$CALGAN_FAST_HOME`` or ``~/.cache/calgan_fast`` as a ``pathlib.Path``."""
+    from pathlib import Path
+
+    value = os.environ.get(HOME_ENV, "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "calgan_fast"
