@@ -161,7 +161,11 @@ def frozen(module: nn.Module):
 
 def generator_adversarial_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan: str = "relativistic") -> Tensor:
     """L_gen (Eq. 1): D scores ``sr`` with the experts of ``hr`` (HR routing reused); D's
-    parameters receive no gradient, ``sr`` does."""
+    parameters receive no gradient, ``sr`` does.
+
+    The HR pass runs without gradient in D's current mode: in training it draws its own Gumbel
+    routing and, like any train-mode pass, updates BatchNorm running statistics.
+    """
     with torch.no_grad():
         real = D(hr, return_aux=True)
     with frozen(D):
@@ -221,9 +225,12 @@ class PerceptualLoss(nn.Module):
                 )
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("params", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict):
+                raise ValueError(f"{path}: expected a VGG19 state dict, found {type(state).__name__}")
             feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
             feats = feats or dict(state)
-            keep = {k: v for k, v in feats.items() if int(k.split(".")[0]) <= last}
+            keep = {k: v for k, v in feats.items()
+                    if k.split(".")[0].isdigit() and int(k.split(".")[0]) <= last}
             missing, unexpected = features.load_state_dict(keep, strict=False)
             if missing:
                 raise ValueError(f"{path}: not a VGG19 state dict (missing {missing[:4]}...)")

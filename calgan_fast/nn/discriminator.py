@@ -189,7 +189,7 @@ class CALGANDiscriminator(nn.Module):
             if self.training:
                 # 1.0 forward, straight-through gradient of R' backward.
                 p = probs.gather(1, expert[:, None]).squeeze(1)
-                gate = 1.0 + p - p.detach()
+                gate = (p - p.detach()) + 1.0  # exactly 1.0: (p - p) is 0 before the 1 is added
             else:
                 gate = torch.ones_like(expert, dtype=probs.dtype)
         return Routing(expert, gate, probs)
@@ -215,7 +215,10 @@ class CALGANDiscriminator(nn.Module):
         else:
             # The fake image of a pair is scored by the real image's experts, gate 1.0, no gradient.
             self._check_routing(routing, b, h, w)
-            routing = routing.detach()
+            if routing.expert.device != feats.device:
+                raise ValueError(f"routing: on {routing.expert.device}, but the input is on {feats.device}")
+            routing = Routing(routing.expert.detach(), torch.ones_like(routing.gate, dtype=torch.float32),
+                              routing.probs.detach())
         # Rows in NHWC order; for B = 1 this is a strided view of the NCHW map, not a copy.
         rows = feats.permute(0, 2, 3, 1).reshape(b * h * w, c)
         proj, w1, b1, w2, b2 = self.head_weights()

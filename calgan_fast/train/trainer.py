@@ -331,7 +331,7 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         it, path = list_checkpoints(self.out / "checkpoints")[-1]
         try:
-            st = torch.load(path, map_location="cpu", weights_only=False)
+            st = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise RunFolderError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
         self.net_g.load_state_dict(st["params"])
@@ -357,7 +357,7 @@ class Trainer:
             return
         keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
                 if ln.strip() and json.loads(ln)["iter"] <= self.it]
-        tmp = path.with_name(".train_log.jsonl.tmp")
+        tmp = path.with_name(f".train_log.jsonl.tmp{os.getpid()}")
         tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
         os.replace(tmp, path)
 
@@ -546,7 +546,7 @@ class Trainer:
         hist = json.loads(path.read_text()) if path.exists() else {"history": []}
         hist["history"] = [h for h in hist["history"] if h["iter"] < self.it] + [res]
         hist["final"] = res
-        tmp = path.with_name(".metrics.json.tmp")
+        tmp = path.with_name(f".metrics.json.tmp{os.getpid()}")
         tmp.write_text(json.dumps(hist, indent=2))
         os.replace(tmp, path)
         if self.tb is not None:
