@@ -56,20 +56,25 @@ CALGAN_HD void classifier_backward_row(T* h, const T* w2, T glogit, int64_t hdim
 // the squared deviations from it (M2). Two sets merge by Chan's formula, which stays accurate
 // where E[y^2] - E[y]^2 in fp32 would cancel.
 //
+// One channel of a merge of set b into set a: moves mean_a towards mean_b by frac_b = n_b / (n_a + n_b)
+// and returns the squared difference of the two means, whose sum over channels times
+// n_a n_b / (n_a + n_b) is the M2 the merge adds. (The CUDA merge runs it per thread and channel.)
+template <typename T>
+CALGAN_HD T chan_merge_delta2(T& mean_a, T mean_b, T frac_b) {
+  const T d = mean_b - mean_a;
+  mean_a += d * frac_b;
+  return d * d;
+}
+
 // Merges set b into set a: mean_a (c values) is updated in place; returns the new M2.
 template <typename T>
 CALGAN_HD T chan_merge(T n_a, T* mean_a, T m2_a, T n_b, const T* mean_b, T m2_b, int64_t c) {
   if (n_b <= T(0)) return m2_a;
   const T n = n_a + n_b;
   const T frac_b = n_b / n;
-  const T weight = n_a * n_b / n;
   T extra = T(0);
-  for (int64_t j = 0; j < c; ++j) {
-    const T d = mean_b[j] - mean_a[j];
-    mean_a[j] += d * frac_b;
-    extra += d * d;
-  }
-  return m2_a + m2_b + extra * weight;
+  for (int64_t j = 0; j < c; ++j) extra += chan_merge_delta2(mean_a[j], mean_b[j], frac_b);
+  return m2_a + m2_b + extra * (n_a * n_b / n);
 }
 
 // Rows of one expert are cut into tiles of this many rows: the unit of parallel work and of the

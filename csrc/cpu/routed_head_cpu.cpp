@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "routed_head_checks.h"
@@ -153,7 +154,8 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
   const Tiles tiles = make_tiles(off, n_exp);
   const int64_t n_tiles = static_cast<int64_t>(tiles.lo.size());
   std::vector<acc_t> t_mean(static_cast<size_t>(n_tiles * c)), t_m2(n_tiles);
-  Tensor logits_acc = at::empty({m}, opts);
+  // Scatter targets start as NaN: a row that no tile writes shows up in every test.
+  Tensor logits_acc = at::full({m}, std::numeric_limits<acc_t>::quiet_NaN(), opts);
   acc_t* lg = logits_acc.data_ptr<acc_t>();
   const acc_t *yp = y.data_ptr<acc_t>(), *hp = hid.data_ptr<acc_t>();
   const acc_t *w2p = W2.data_ptr<acc_t>(), *b2p = B2.data_ptr<acc_t>();
@@ -164,6 +166,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
       std::fill(mu, mu + c, acc_t(0));
       for (int64_t r = lo; r < lo + nt; ++r) {
         const acc_t* yr = yp + r * c;
+#pragma omp simd
         for (int64_t j = 0; j < c; ++j) mu[j] += yr[j];
         lg[perm_p[r]] = classifier_logit(hp + r * hdim, w2p + e * hdim, b2p[e], hdim);
       }
@@ -172,6 +175,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
       acc_t m2 = 0;
       for (int64_t r = lo; r < lo + nt; ++r) {
         const acc_t* yr = yp + r * c;
+#pragma omp simd reduction(+ : m2)
         for (int64_t j = 0; j < c; ++j) {
           const acc_t d = yr[j] - mu[j];
           m2 += d * d;
@@ -222,23 +226,35 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   acc_t* wcp = wc.data_ptr<acc_t>();
   const acc_t* xsp = xs.data_ptr<acc_t>();
 
-  // Expert means of w, summed in double in row order per channel block: exact enough to centre
-  // with, and independent of the thread count.
-  constexpr int64_t kCols = 16;
-  const int64_t n_blocks = (c + kCols - 1) / kCols;
+  // Expert means of w: per-tile sums in double, then the tiles of each expert summed in order, so
+  // the result is exact enough to centre with and independent of the thread count.
+  const Tiles tiles = make_tiles(off, n_exp);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.lo.size());
+  std::vector<double> t_sum(static_cast<size_t>(n_tiles * c));
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      double* s = t_sum.data() + t * c;
+      std::fill(s, s + c, 0.0);
+      for (int64_t r = tiles.lo[t]; r < tiles.lo[t] + tiles.n[t]; ++r) {
+        const acc_t* wr = wcp + r * c;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) s[j] += static_cast<double>(wr[j]);
+      }
+    }
+  });
   Tensor xbar = at::zeros({n_exp, c}, opts);
   acc_t* xbp = xbar.data_ptr<acc_t>();
-  at::parallel_for(0, n_exp * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t e = item / n_blocks, j0 = (item % n_blocks) * kCols, j1 = std::min(c, j0 + kCols);
-      const int64_t lo = off[e], hi = off[e + 1];
-      if (hi == lo) continue;
-      double s[kCols] = {0};
-      for (int64_t r = lo; r < hi; ++r) {
-        const acc_t* wr = wcp + r * c;
-        for (int64_t j = j0; j < j1; ++j) s[j - j0] += static_cast<double>(wr[j]);
+  at::parallel_for(0, n_exp, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> s(c);
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      if (n == 0) continue;
+      std::fill(s.begin(), s.end(), 0.0);
+      for (int64_t t = tiles.first[e]; t < tiles.first[e + 1]; ++t) {
+        const double* ts = t_sum.data() + t * c;
+        for (int64_t j = 0; j < c; ++j) s[j] += ts[j];
       }
-      for (int64_t j = j0; j < j1; ++j) xbp[e * c + j] = static_cast<acc_t>(s[j - j0] / static_cast<double>(hi - lo));
+      for (int64_t j = 0; j < c; ++j) xbp[e * c + j] = static_cast<acc_t>(s[j] / static_cast<double>(n));
     }
   });
   for (int64_t e = 0; e < n_exp; ++e) {
@@ -247,12 +263,12 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   }
 
   Tensor dx = at::empty({m, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor dgate = at::empty({m}, opts);
+  Tensor dgate = at::full({m}, std::numeric_limits<acc_t>::quiet_NaN(), opts);
   Tensor dproj = at::zeros_like(O), dw1 = at::zeros_like(W1), db1 = at::zeros({n_exp, hdim}, opts);
   Tensor dw2 = at::zeros({n_exp, hdim}, opts), db2 = at::zeros({n_exp}, opts);
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   acc_t* dgp = dgate.data_ptr<acc_t>();
-  const acc_t *glp = GL.data_ptr<acc_t>(), *gmp = GM.data_ptr<acc_t>(), *gvp = GV.data_ptr<acc_t>();
+  const acc_t *glp = GL.data_ptr<acc_t>(), *gvp = GV.data_ptr<acc_t>();
   const acc_t* w2p = W2.data_ptr<acc_t>();
   acc_t *dw2p = dw2.data_ptr<acc_t>(), *db1p = db1.data_ptr<acc_t>(), *db2p = db2.data_ptr<acc_t>();
   int64_t max_n = 0;
@@ -292,7 +308,6 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       dpe.add_(at::mm(Oe, gram(wce)), k);
       qe.addmm_(wce, at::mm(Oe.t(), Oe), 1, k);
     }
-    (void)gmp;
     const acc_t* qp = qe.data_ptr<acc_t>();
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -302,6 +317,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
         const acc_t* xr = xsp + (lo + r) * c;
         scalar_t* dst = dxp + p * c;
         acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < c; ++j) {
           dst[j] = static_cast<scalar_t>(g * qr[j]);
           dot += qr[j] * xr[j];
