@@ -1,7 +1,9 @@
 """The ``torch`` backend of the routed head: sort rows by expert, one GEMM chain per expert.
 
 Plain PyTorch, runs on any device. No ``(M, N, ·)`` tensor is formed; backward recomputes the
-projection ``y`` and the hidden activation ``z`` of each expert's rows from ``x``.
+projection ``y`` and the hidden activation ``z`` of each expert's rows from ``x``. The rows are
+gathered into expert order once, each expert works on a contiguous slice, and results go back to
+pixel order with one scatter, so the cost is the per-expert GEMMs plus a few passes over ``(M, c)``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="torch"):
     n_exp = proj.shape[0]
     acc = _acc_dtype(x.dtype)
     count, offsets, perm = routing_metadata_ref(expert, n_exp)
-    logits = torch.empty(m, dtype=acc, device=x.device)
+    xs = x.index_select(0, perm).to(acc)  # rows in expert order
+    gs = gate.index_select(0, perm).to(acc)
+    logits_s = torch.empty(m, dtype=acc, device=x.device)
     mean = torch.zeros(n_exp, c, dtype=acc, device=x.device)
     var = torch.zeros(n_exp, dtype=acc, device=x.device)
     bounds = offsets.tolist()
@@ -30,62 +34,63 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="torch"):
         lo, hi = bounds[e], bounds[e + 1]
         if lo == hi:
             continue
-        idx = perm[lo:hi]
-        xe = x.index_select(0, idx).to(acc)
-        y = gate.index_select(0, idx).to(acc)[:, None] * (xe @ proj[e].to(acc).t())
-        z = F.leaky_relu(torch.addmm(b1[e].to(acc), y, w1[e].to(acc).t()), LRELU_SLOPE)
-        logits[idx] = z @ w2[e].to(acc) + b2[e].to(acc)
-        mu = y.mean(0)
+        y = torch.mm(xs[lo:hi], proj[e].to(acc).t()).mul_(gs[lo:hi, None])
+        z = F.leaky_relu_(torch.addmm(b1[e].to(acc), y, w1[e].to(acc).t()), LRELU_SLOPE)
+        torch.addmv(b2[e].to(acc), z, w2[e].to(acc), out=logits_s[lo:hi])
+        v, mu = torch.var_mean(y, dim=0, correction=0)
         mean[e] = mu
-        var[e] = (y - mu).square().mean()
+        var[e] = v.mean()
+    logits = torch.empty_like(logits_s).index_copy_(0, perm, logits_s)
     return logits.to(x.dtype), count, mean, var, perm, offsets
 
 
-def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, backend="torch"):
+def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets,
+             backend="torch"):
     """Gradients ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the dtypes of the inputs."""
     m, c = x.shape
     n_exp = proj.shape[0]
     acc = _acc_dtype(x.dtype)
     dev = x.device
-    dx = torch.zeros(m, c, dtype=acc, device=dev)
-    dgate = torch.zeros(m, dtype=acc, device=dev)
+    xs = x.index_select(0, perm).to(acc)
+    gs = gate.index_select(0, perm).to(acc)
+    gls = glogits.index_select(0, perm).to(acc)
+    gmean = gmean.to(acc)
+    gvar = gvar.to(acc)
+    dxs = torch.zeros(m, c, dtype=acc, device=dev)
+    dgs = torch.zeros(m, dtype=acc, device=dev)
     dproj = torch.zeros(proj.shape, dtype=acc, device=dev)
     dw1 = torch.zeros(w1.shape, dtype=acc, device=dev)
     db1 = torch.zeros(b1.shape, dtype=acc, device=dev)
     dw2 = torch.zeros(w2.shape, dtype=acc, device=dev)
     db2 = torch.zeros(b2.shape, dtype=acc, device=dev)
-    glogits = glogits.to(acc)
-    gmean = gmean.to(acc)
-    gvar = gvar.to(acc)
     bounds = offsets.tolist()
     for e in range(n_exp):
         lo, hi = bounds[e], bounds[e + 1]
         n = hi - lo
         if n == 0:
             continue
-        idx = perm[lo:hi]
-        xe = x.index_select(0, idx).to(acc)
-        ge = gate.index_select(0, idx).to(acc)
+        xe, ge, gl = xs[lo:hi], gs[lo:hi, None], gls[lo:hi]
         o_e = proj[e].to(acc)
         w1_e = w1[e].to(acc)
-        u = xe @ o_e.t()
-        y = ge[:, None] * u
+        u = torch.mm(xe, o_e.t())
+        y = u * ge
         h = torch.addmm(b1[e].to(acc), y, w1_e.t())
         z = F.leaky_relu(h, LRELU_SLOPE)
-        gl = glogits.index_select(0, idx)
-        dw2[e] = gl @ z
+        torch.mv(z.t(), gl, out=dw2[e])
         db2[e] = gl.sum()
-        slope = (h > 0).to(acc) * (1.0 - LRELU_SLOPE) + LRELU_SLOPE  # d leaky_relu / dh
-        dh = (gl[:, None] * w2[e].to(acc)[None, :]) * slope
-        dw1[e] = dh.t() @ y
+        slope = (h > 0).to(acc).mul_(1.0 - LRELU_SLOPE).add_(LRELU_SLOPE)  # d leaky_relu / dh
+        dh = slope.mul_(gl[:, None]).mul_(w2[e].to(acc))
+        torch.mm(dh.t(), y, out=dw1[e])
         db1[e] = dh.sum(0)
-        dy = dh @ w1_e
         # Statistics: d mean_e / d y_p = 1/n; d var_e / d y_p = 2 (y_p - mean_e) / (n c).
-        dy = dy + gmean[e] / n + (gvar[e] * 2.0 / (n * c)) * (y - mean[e].to(acc))
-        dgate[idx] = (dy * u).sum(1)
-        du = ge[:, None] * dy
-        dproj[e] = du.t() @ xe
-        dx[idx] = du @ o_e
+        k = gvar[e] * 2.0 / (n * c)
+        dy = torch.addmm(gmean[e] / n - k * mean[e].to(acc), dh, w1_e).add_(y, alpha=k)
+        torch.linalg.vecdot(dy, u, out=dgs[lo:hi])
+        du = dy.mul_(ge)
+        torch.mm(du.t(), xe, out=dproj[e])
+        torch.mm(du, o_e, out=dxs[lo:hi])
+    dx = torch.empty_like(dxs).index_copy_(0, perm, dxs)
+    dgate = torch.empty_like(dgs).index_copy_(0, perm, dgs)
     return (
         dx.to(x.dtype),
         dgate.to(gate.dtype),

@@ -1,0 +1,126 @@
+"""Routed-head benchmarks (DESIGN §7): every available backend, ``reference`` and a same-shape
+matmul (the speed of light), forward and forward+backward.
+
+    pytest benchmarks/bench_head.py --benchmark-json=head.json
+    python benchmarks/report.py head.json -o benchmarks/RESULTS.md
+
+Environment: ``CALGAN_BENCH_DEVICE`` (``cpu`` default, or ``cuda``), ``CALGAN_BENCH_DTYPE``
+(default fp32 on CPU, bf16 on CUDA), ``CALGAN_BENCH_FULL=1`` for every DESIGN §7 shape on CPU
+(the CPU default keeps c = 256 and M <= 16384 so a run takes minutes), ``CALGAN_BENCH_BACKENDS``
+(comma-separated subset).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import calgan_fast
+from calgan_fast import routed_head
+
+DEVICE = os.environ.get("CALGAN_BENCH_DEVICE", "cpu")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAME = os.environ.get("CALGAN_BENCH_DTYPE", "bf16" if DEVICE == "cuda" else "fp32")
+DTYPE = _DTYPES[DTYPE_NAME]
+FULL = DEVICE == "cuda" or os.environ.get("CALGAN_BENCH_FULL", "0") == "1"
+
+MS = [4096, 16384, 65536] if FULL else [4096, 16384]
+CS = [256, 512] if FULL else [256]
+NS = [1, 4, 8, 12, 16]
+MODES = ["fwd", "fwd+bwd"]
+
+
+def _backends() -> list[str]:
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.exit("CALGAN_BENCH_DEVICE=cuda but no GPU is visible", returncode=2)
+    names = calgan_fast.available_backends(DEVICE)
+    wanted = os.environ.get("CALGAN_BENCH_BACKENDS")
+    if wanted:
+        names = [n for n in names if n in wanted.split(",")]
+    return names + ["matmul"]
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def useful_flops(m: int, c: int, hdim: int, mode: str) -> int:
+    fwd = 2 * m * c * c + 2 * m * c * hdim
+    return fwd if mode == "fwd" else 3 * fwd
+
+
+def _inputs(m, c, n, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    hdim = c // 8
+    x = torch.randn(m, c, generator=g)
+    expert = torch.randint(0, n, (m,), generator=g)
+    gate = torch.ones(m)
+    proj = torch.randn(n, c, c, generator=g) / c**0.5
+    w1 = torch.randn(n, hdim, c, generator=g) / c**0.5
+    b1 = torch.zeros(n, hdim)
+    w2 = torch.randn(n, hdim, generator=g) / hdim**0.5
+    b2 = torch.zeros(n)
+    floats = [t.to(DEVICE, DTYPE).requires_grad_(requires_grad) for t in (x, gate, proj, w1, b1, w2, b2)]
+    x, gate, proj, w1, b1, w2, b2 = floats
+    return x, expert.to(DEVICE), gate, proj, w1, b1, w2, b2
+
+
+def _rounds(m, c, n, backend):
+    if DEVICE == "cuda":
+        return 20
+    work = m * c * c * (n if backend == "reference" else 1)
+    return max(3, min(20, int(2e10 / max(work, 1))))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("c", CS)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("backend", _backends())
+def test_head(benchmark, backend, m, c, n, mode):
+    if backend == "matmul" and n != NS[0]:
+        pytest.skip("the matmul does not depend on N: measured once per (M, c)")
+    hdim = c // 8
+    bwd = mode == "fwd+bwd"
+    inputs = _inputs(m, c, n, requires_grad=bwd)
+    x = inputs[0]
+    if backend == "matmul":
+        a = x.detach().clone().requires_grad_(bwd)
+        b = torch.randn(c, c, device=DEVICE, dtype=DTYPE, requires_grad=bwd)
+        grad = torch.randn(m, c, device=DEVICE, dtype=DTYPE)
+
+        def run():
+            out = a @ b
+            if bwd:
+                out.backward(grad)
+                a.grad = b.grad = None
+            _sync()
+    else:
+        floats = [inputs[0], *inputs[2:]]
+        gl = torch.randn(m, device=DEVICE, dtype=torch.float32)
+
+        def run():
+            out = routed_head(*inputs, backend=backend, check_range=False)
+            if bwd:
+                loss = (out.logits.float() * gl).sum() + out.mean.sum() + out.var.sum()
+                loss.backward()
+                for t in floats:
+                    t.grad = None
+            _sync()
+
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run()  # warm-up (compiles kernels)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(run, rounds=_rounds(m, c, n, backend), warmup_rounds=1, iterations=1)
+    flops = useful_flops(m, c, hdim, mode) if backend != "matmul" else (2 if not bwd else 6) * m * c * c
+    benchmark.extra_info.update({
+        "backend": backend, "M": m, "c": c, "N": n, "hdim": hdim, "mode": mode, "dtype": DTYPE_NAME,
+        "device": DEVICE, "flops": flops, "useful_flops": useful_flops(m, c, hdim, mode),
+        "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    })

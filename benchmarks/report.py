@@ -1,0 +1,117 @@
+"""Render pytest-benchmark JSON of ``bench_head.py`` (and ``bench_dstep.py``) as Markdown.
+
+    python benchmarks/report.py head.json [dstep.json ...] [-o benchmarks/RESULTS.md] [--title T]
+
+Per row: median time, achieved GFLOP/s (useful FLOPs, DESIGN §7), the speed-up over ``reference``
+and the fraction of the speed of light — the GFLOP/s of a plain ``(M, c) x (c, c)`` matmul
+(forward; forward+backward: its three matmuls) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def _median_s(b):
+    return b["stats"]["median"]
+
+
+def head_table(benches: list[dict]) -> list[str]:
+    rows = [b for b in benches if b.get("extra_info", {}).get("M") is not None]
+    if not rows:
+        return []
+    groups = defaultdict(dict)
+    matmul = {}
+    for b in rows:
+        e = b["extra_info"]
+        if e["backend"] == "matmul":
+            matmul[(e["M"], e["c"], e["mode"], e["dtype"])] = e["flops"] / _median_s(b) / 1e9
+        else:
+            groups[(e["mode"], e["dtype"], e["M"], e["c"], e["N"])][e["backend"]] = b
+    out = [
+        "| mode | dtype | M | c | N | backend | ms | GFLOP/s | x reference | % of matmul | peak MiB |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    order = ["reference", "torch", "cpu", "triton", "cuda"]
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4])):
+        mode, dtype, m, c, n = key
+        ref = groups[key].get("reference")
+        sol = matmul.get((m, c, mode, dtype))
+        for name in sorted(groups[key], key=lambda s: order.index(s) if s in order else 99):
+            b = groups[key][name]
+            e = b["extra_info"]
+            t = _median_s(b)
+            gf = e["useful_flops"] / t / 1e9
+            speed = f"{_median_s(ref) / t:.1f}" if ref is not None else "-"
+            frac = f"{100 * gf / sol:.0f} %" if sol else "-"
+            mem = f"{e['peak_mem_mb']:.0f}" if e.get("peak_mem_mb") is not None else "-"
+            out.append(f"| {mode} | {dtype} | {m} | {c} | {n} | {name} | {t * 1e3:.2f} | {gf:.1f} | {speed} | {frac} | {mem} |")
+    if matmul:
+        out += ["", "Speed of light (plain matmul of the same shape, same run):", "",
+                "| mode | dtype | M | c | GFLOP/s |", "|---|---|---:|---:|---:|"]
+        for (m, c, mode, dtype), gf in sorted(matmul.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][0], kv[0][1])):
+            out.append(f"| {mode} | {dtype} | {m} | {c} | {gf:.1f} |")
+    return out
+
+
+def dstep_table(benches: list[dict]) -> list[str]:
+    rows = [b for b in benches if b.get("extra_info", {}).get("kind") == "dstep"]
+    if not rows:
+        return []
+    base = {}
+    for b in rows:
+        if b["extra_info"].get("model") == "compat":
+            base[b["extra_info"].get("shape")] = _median_s(b)
+    out = ["| model | backend | shape | ms | x compat | peak MiB |", "|---|---|---|---:|---:|---:|"]
+    for b in sorted(rows, key=lambda b: (b["extra_info"].get("shape"), b["extra_info"].get("model"))):
+        e = b["extra_info"]
+        t = _median_s(b)
+        ref = base.get(e.get("shape"))
+        speed = f"{ref / t:.2f}" if ref else "-"
+        mem = f"{e['peak_mem_mb']:.0f}" if e.get("peak_mem_mb") is not None else "-"
+        out.append(f"| {e.get('model')} | {e.get('backend', '-')} | {e.get('shape')} | {t * 1e3:.1f} | {speed} | {mem} |")
+    return out
+
+
+def machine_lines(data: dict) -> list[str]:
+    mi = data.get("machine_info", {})
+    cpu = mi.get("cpu", {}) or {}
+    benches = data.get("benchmarks", [])
+    extra = benches[0].get("extra_info", {}) if benches else {}
+    return [
+        f"- machine: {cpu.get('brand_raw', mi.get('processor', '?'))}, {cpu.get('count', '?')} logical CPUs"
+        f"{', ' + extra['gpu'] if extra.get('gpu') else ''}",
+        f"- python {mi.get('python_version', '?')}, torch {extra.get('torch', '?')}, "
+        f"torch threads {extra.get('threads', '?')}, run {data.get('datetime', '?')}",
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+")
+    ap.add_argument("-o", "--output")
+    ap.add_argument("--title", default="calgan_fast benchmark results")
+    args = ap.parse_args(argv)
+    lines = [f"# {args.title}", ""]
+    for path in args.json:
+        with open(path) as f:
+            data = json.load(f)
+        benches = data.get("benchmarks", [])
+        lines += [f"## `{path.split('/')[-1]}`", ""] + machine_lines(data) + [""]
+        for table in (head_table(benches), dstep_table(benches)):
+            if table:
+                lines += table + [""]
+    text = "\n".join(lines)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

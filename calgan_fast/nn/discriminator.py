@@ -1,0 +1,232 @@
+"""The CAL-GAN content-aware local discriminator (DESIGN §2), with the fused routed head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import routed_head
+from ..reference import LRELU_SLOPE
+
+__all__ = [
+    "CALGANDiscriminator",
+    "DiscriminatorConfig",
+    "DiscriminatorOutput",
+    "ExpertStats",
+    "Routing",
+    "feature_extractor",
+]
+
+_ROUTINGS = ("gumbel", "argmax")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Top-1 routing of one image batch.
+
+    Attributes:
+        expert: ``(B, h, w)`` int64 expert id per feature pixel.
+        gate: ``(B, h, w)`` gate value, 1.0 in the forward pass; in training it carries the
+            straight-through gradient of the router.
+        probs: ``(B, N, h, w)`` router softmax R'.
+    """
+
+    expert: Tensor
+    gate: Tensor
+    probs: Tensor
+
+    def detach(self) -> Routing:
+        """The same routing with no gradient: reused for the SR image of a pair, gate 1.0."""
+        return Routing(self.expert.detach(), self.gate.detach(), self.probs.detach())
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[1]
+
+
+class ExpertStats(NamedTuple):
+    """Per-expert statistics of the projected features y over the batch (DESIGN §2)."""
+
+    count: Tensor  # (N,) int64
+    mean: Tensor  # (N, c) fp32
+    var: Tensor  # (N,) fp32
+
+
+class DiscriminatorOutput(NamedTuple):
+    logits: Tensor  # (B, 1, h, w)
+    routing: Routing
+    stats: ExpertStats
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    in_channels: int = 3
+    num_feat: int = 64
+    num_experts: int = 12
+    hidden: int | None = None
+    routing: str = "gumbel"
+    tau: float = 1.0
+    share_classifier: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("in_channels", "num_feat", "num_experts"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.hidden is not None and self.hidden < 1:
+            raise ValueError(f"hidden: must be >= 1 or None, got {self.hidden}")
+        if self.routing not in _ROUTINGS:
+            raise ValueError(f"routing: expected one of {_ROUTINGS}, got {self.routing!r}")
+        if not self.tau > 0:
+            raise ValueError(f"tau: must be > 0, got {self.tau}")
+
+
+def feature_extractor(in_channels: int, nf: int) -> nn.Sequential:
+    """The authors' feature extractor: ``(B, in, H, W) -> (B, 4nf, H/4, W/4)``, 20 modules."""
+
+    def lrelu():
+        return nn.LeakyReLU(LRELU_SLOPE, inplace=True)
+
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, nf, 3, 1, 1, bias=True), lrelu()]
+    plan = [(nf, nf, 4, 2), (nf, 2 * nf, 3, 1), (2 * nf, 2 * nf, 4, 2), (2 * nf, 4 * nf, 3, 1),
+            (4 * nf, 4 * nf, 3, 1), (4 * nf, 4 * nf, 3, 1)]
+    for cin, cout, k, s in plan:
+        layers += [nn.Conv2d(cin, cout, k, s, 1, bias=False), nn.BatchNorm2d(cout), lrelu()]
+    return nn.Sequential(*layers)
+
+
+class CALGANDiscriminator(nn.Module):
+    """CAL-GAN discriminator: feature extractor, router, N routed experts (DESIGN §2).
+
+    Args:
+        in_channels: image channels (3).
+        num_feat: ``nf``; features have ``c = 4 nf`` channels (64 -> 256; the paper's 512 is 128).
+        num_experts: N.
+        hidden: classifier hidden width ``hdim`` (default ``c // 8``).
+        routing: ``"gumbel"`` (hard Gumbel-softmax in training) or ``"argmax"``. Eval mode always
+            routes by argmax.
+        tau: Gumbel-softmax temperature.
+        share_classifier: one classifier for all experts, as in the authors' code.
+        backend: routed-head backend (see :func:`calgan_fast.routed_head`).
+
+    ``forward(x, routing=None, return_aux=False)``: ``x`` is ``(B, in_channels, H, W)`` in
+    [0, 1] with H, W multiples of 4; returns logits ``(B, 1, H/4, W/4)``, or with
+    ``return_aux=True`` a :class:`DiscriminatorOutput`. Pass ``routing=`` the detached routing of
+    the real image to score the fake image of the same pair with the real image's experts.
+    """
+
+    def __init__(self, in_channels: int = 3, num_feat: int = 64, num_experts: int = 12,
+                 hidden: int | None = None, routing: str = "gumbel", tau: float = 1.0,
+                 share_classifier: bool = False, backend: str = "auto"):
+        super().__init__()
+        cfg = DiscriminatorConfig(in_channels, num_feat, num_experts, hidden, routing, tau,
+                                  share_classifier, backend)
+        self.config = cfg
+        c = 4 * num_feat
+        hdim = hidden or max(1, c // 8)
+        self.channels, self.hidden, self.num_experts = c, hdim, num_experts
+        self.features = feature_extractor(in_channels, num_feat)
+        self.router = nn.Conv2d(c, num_experts, 1, bias=True)
+        self.proj = nn.Parameter(torch.empty(num_experts, c, c))
+        nc = 1 if share_classifier else num_experts
+        self.w1 = nn.Parameter(torch.empty(nc, hdim, c))
+        self.b1 = nn.Parameter(torch.zeros(nc, hdim))
+        self.w2 = nn.Parameter(torch.empty(nc, hdim))
+        self.b2 = nn.Parameter(torch.zeros(nc))
+        self.reset_head()
+
+    @torch.no_grad()
+    def reset_head(self) -> None:
+        """Orthogonal experts with unit Frobenius norm (so ``psi(O) psi(O)^T ≈ I_N`` from the
+        start), Kaiming-uniform classifiers."""
+        n, c, _ = self.proj.shape
+        for i in range(n):
+            nn.init.orthogonal_(self.proj[i])
+        self.proj.div_(c**0.5)
+        for i in range(self.w1.shape[0]):
+            nn.init.kaiming_uniform_(self.w1[i], a=LRELU_SLOPE)
+        bound = 1.0 / self.hidden**0.5
+        nn.init.uniform_(self.w2, -bound, bound)
+        self.b1.zero_()
+        self.b2.zero_()
+
+    def head_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(proj, w1, b1, w2, b2)`` with the classifier expanded to N experts when shared."""
+        n = self.num_experts
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if w1.shape[0] != n:
+            w1, b1, w2, b2 = (t.expand(n, *t.shape[1:]) for t in (w1, b1, w2, b2))
+        return self.proj, w1, b1, w2, b2
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x: expected (B, C, H, W), got shape {tuple(x.shape)}")
+        b, ch, h, w = x.shape
+        if ch != self.config.in_channels:
+            raise ValueError(f"x: expected {self.config.in_channels} channels, got {ch}")
+        if h % 4 or w % 4 or h == 0 or w == 0:
+            raise ValueError(f"x: H and W must be positive multiples of 4, got {h}x{w}")
+        if b == 0:
+            raise ValueError("x: empty batch (B = 0)")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x: expected a float tensor in [0, 1], got {x.dtype}")
+
+    def route(self, logits: Tensor) -> Routing:
+        """Routing from router logits ``(B, N, h, w)``."""
+        probs = torch.softmax(logits.float(), dim=1)
+        if self.training and self.config.routing == "gumbel":
+            y = F.gumbel_softmax(logits.float(), tau=self.config.tau, hard=True, dim=1)
+            expert = y.argmax(1)
+            gate = y.gather(1, expert[:, None]).squeeze(1)
+        else:
+            expert = probs.argmax(1)
+            if self.training:
+                # 1.0 forward, straight-through gradient of R' backward.
+                p = probs.gather(1, expert[:, None]).squeeze(1)
+                gate = 1.0 + p - p.detach()
+            else:
+                gate = torch.ones_like(expert, dtype=probs.dtype)
+        return Routing(expert, gate, probs)
+
+    def _check_routing(self, routing: Routing, b: int, h: int, w: int) -> None:
+        if not isinstance(routing, Routing):
+            raise TypeError(f"routing: expected calgan_fast.Routing, got {type(routing).__name__}")
+        if tuple(routing.expert.shape) != (b, h, w):
+            raise ValueError(f"routing: expert map of shape {tuple(routing.expert.shape)} does not "
+                             f"match this input's feature map ({b}, {h}, {w})")
+        if tuple(routing.gate.shape) != (b, h, w):
+            raise ValueError(f"routing: gate of shape {tuple(routing.gate.shape)}, expected ({b}, {h}, {w})")
+        if routing.probs.shape[1] != self.num_experts:
+            raise ValueError(f"routing: made for {routing.probs.shape[1]} experts, this "
+                             f"discriminator has {self.num_experts}")
+
+    def forward(self, x: Tensor, routing: Routing | None = None, return_aux: bool = False):
+        self._check_input(x)
+        feats = self.features(x)  # (B, c, h, w)
+        b, c, h, w = feats.shape
+        if routing is None:
+            routing = self.route(self.router(feats))
+        else:
+            # The fake image of a pair is scored by the real image's experts, gate 1.0, no gradient.
+            self._check_routing(routing, b, h, w)
+            routing = routing.detach()
+        # Rows in NHWC order; for B = 1 this is a strided view of the NCHW map, not a copy.
+        rows = feats.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        proj, w1, b1, w2, b2 = self.head_weights()
+        out = routed_head(rows, routing.expert.reshape(-1), routing.gate.reshape(-1).to(rows.dtype),
+                          proj, w1, b1, w2, b2, backend=self.config.backend)
+        logits = out.logits.reshape(b, 1, h, w)
+        if not return_aux:
+            return logits
+        return DiscriminatorOutput(logits, routing, ExpertStats(out.count, out.mean, out.var))
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (f"c={self.channels}, hidden={self.hidden}, num_experts={self.num_experts}, "
+                f"routing={cfg.routing!r}, share_classifier={cfg.share_classifier}, backend={cfg.backend!r}")

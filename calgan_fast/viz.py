@@ -1,0 +1,48 @@
+"""Pictures of the routing: the expert map of an image as a colour image (the paper's Fig. 3)."""
+
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import torch
+
+__all__ = ["PALETTE", "palette", "routing_image"]
+
+# 16 hand-picked, well separated colours (RGB); more experts get golden-ratio hues.
+PALETTE = np.array(
+    [
+        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+        (0, 128, 128), (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195), (0, 0, 128),
+    ],
+    dtype=np.uint8,
+)
+
+
+def palette(n: int) -> np.ndarray:
+    """``(n, 3)`` uint8 colours, fixed for a given expert index."""
+    if n <= len(PALETTE):
+        return PALETTE[:n].copy()
+    extra = []
+    for i in range(n - len(PALETTE)):
+        h = (0.137 + i * 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(h, 0.65 + 0.3 * (i % 2), 0.95 - 0.25 * ((i // 2) % 2))
+        extra.append((int(r * 255), int(g * 255), int(b * 255)))
+    return np.concatenate([PALETTE, np.array(extra, dtype=np.uint8)])
+
+
+def routing_image(routing, index: int = 0) -> np.ndarray:
+    """``(h, w, 3)`` uint8 RGB image of the expert map of image ``index`` of a batch.
+
+    ``routing`` is a :class:`calgan_fast.Routing` (or an expert-id tensor ``(B, h, w)``).
+    """
+    expert = routing.expert if hasattr(routing, "expert") else routing
+    n = routing.probs.shape[1] if hasattr(routing, "probs") else int(torch.as_tensor(expert).max()) + 1
+    expert = torch.as_tensor(expert)
+    if expert.dim() != 3:
+        raise ValueError(f"routing: expected an expert map (B, h, w), got {tuple(expert.shape)}")
+    if not 0 <= index < expert.shape[0]:
+        raise IndexError(f"index: {index} out of range for a batch of {expert.shape[0]}")
+    ids = expert[index].detach().cpu().long().numpy()
+    return palette(n)[ids]
