@@ -1,0 +1,99 @@
+"""Discriminator-step benchmark (DESIGN §7): one full D step of the paper variant against the
+authors'-code-compatible module, same N and num_feat.
+
+A step is: real pass, fake pass routed by the real routing, every loss, backward. The paper
+variant runs ``calgan_fast.losses.discriminator_loss`` on ``CALGANDiscriminator`` (once per routed-head
+backend available here); the compat module runs ``calgan_fast.compat.official_discriminator_loss``
+(``official_d_losses`` + ``official_gan_loss``) on ``OfficialMOD``.
+
+    pytest benchmarks/bench_dstep.py --benchmark-json=dstep.json
+
+Environment: ``CALGAN_BENCH_DEVICE`` (``cpu`` default: B=4 at 128x128; ``cuda``: B=24 at 256x256),
+``CALGAN_BENCH_DSTEP_SIZE`` (``B,H,W`` override), ``CALGAN_BENCH_ROUNDS`` (timed rounds, default 3).
+Peak memory (``extra_info["peak_mem_mb"]``): allocator peak on CUDA; on CPU the peak of the live
+bytes the profiler's memory events record during one step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import calgan_fast
+from calgan_fast.compat import OfficialMOD, official_discriminator_loss
+from calgan_fast.losses import discriminator_loss
+
+DEVICE = os.environ.get("CALGAN_BENCH_DEVICE", "cpu")
+_DEFAULT_SIZE = "24,256,256" if DEVICE == "cuda" else "4,128,128"
+B, H, W = (int(v) for v in os.environ.get("CALGAN_BENCH_DSTEP_SIZE", _DEFAULT_SIZE).split(","))
+NUM_FEAT, NUM_EXPERTS = 64, 12
+ROUNDS = int(os.environ.get("CALGAN_BENCH_ROUNDS", "3"))
+
+
+def _variants() -> list[str]:
+    heads = [b for b in calgan_fast.available_backends(DEVICE) if b != "reference"]
+    return [f"calgan:{b}" for b in heads] + ["official"]
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _make_step(variant: str):
+    torch.manual_seed(0)
+    hr = torch.rand(B, 3, H, W, device=DEVICE)
+    sr = (hr + 0.05 * torch.randn_like(hr)).clamp(0, 1)
+    if variant == "official":
+        d = OfficialMOD(num_in_ch=3, num_feat=NUM_FEAT, num_expert=NUM_EXPERTS).to(DEVICE).train()
+
+        def loss_fn():
+            return official_discriminator_loss(d, hr, sr)["total"]
+    else:
+        backend = variant.split(":", 1)[1]
+        d = calgan_fast.CALGANDiscriminator(in_channels=3, num_feat=NUM_FEAT, num_experts=NUM_EXPERTS,
+                                            backend=backend).to(DEVICE).train()
+
+        def loss_fn():
+            return discriminator_loss(d, hr, sr)["total"]
+
+    def step():
+        d.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        _sync()
+
+    return step
+
+
+def peak_memory_mb(step) -> float:
+    """Peak of the bytes allocated while ``step`` runs, above what was live before it."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]")
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+@pytest.mark.parametrize("variant", _variants())
+def test_dstep(benchmark, variant):
+    step = _make_step(variant)
+    step()  # warm-up (and the lazy load of the kernels)
+    benchmark.group = f"dstep {DEVICE} B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}"
+    benchmark.extra_info.update({
+        "variant": variant, "device": DEVICE, "B": B, "H": H, "W": W, "N": NUM_EXPERTS, "nf": NUM_FEAT,
+        "threads": torch.get_num_threads(), "peak_mem_mb": round(peak_memory_mb(step), 1),
+    })
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
