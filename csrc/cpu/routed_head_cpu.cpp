@@ -78,26 +78,7 @@ Tiles make_tiles(const int64_t* off, int64_t n_exp) {
   return t;
 }
 
-// out[r, :] = (gate[perm[r]] if gate else 1) * x[perm[r], :] in acc_t; x contiguous rows.
-template <typename scalar_t, typename acc_t>
-void gather_rows(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, acc_t* out,
-                 acc_t* out_scaled, int64_t m) {
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t p = perm[r];
-      const scalar_t* src = xp + p * c;
-      acc_t* dst = out + r * c;
-      for (int64_t j = 0; j < c; ++j) dst[j] = static_cast<acc_t>(src[j]);
-      if (out_scaled != nullptr) {
-        const acc_t g = gate[p];
-        acc_t* dsts = out_scaled + r * c;
-        for (int64_t j = 0; j < c; ++j) dsts[j] = g * dst[j];
-      }
-    }
-  });
-}
-
-// Same, scaled by the gate in place: out[r, :] = gate[perm[r]] * x[perm[r], :].
+// out[r, :] = gate[perm[r]] * x[perm[r], :] in acc_t; x with contiguous rows.
 template <typename scalar_t, typename acc_t>
 void gather_rows_gated(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, acc_t* out, int64_t m) {
   at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
@@ -219,15 +200,13 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   const int64_t* off = off_c.data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[n_exp] == m, "offsets: must run from 0 to M = ", m);
 
-  // xs: the rows of x sorted by expert; wc: gate-scaled, then centred per expert.
-  Tensor xs = at::empty({m, c}, opts), wc = at::empty({m, c}, opts);
+  // wc: the rows of x in expert order, gate-scaled, then centred per expert. The gather is fused
+  // with per-tile sums in double of the expert means, summed per expert in tile order below, so
+  // the means are exact enough to centre with and independent of the thread count.
+  Tensor wc = at::empty({m, c}, opts);
   const acc_t* gp = G.data_ptr<acc_t>();
-  gather_rows<scalar_t, acc_t>(xc.data_ptr<scalar_t>(), c, perm_p, gp, xs.data_ptr<acc_t>(), wc.data_ptr<acc_t>(), m);
   acc_t* wcp = wc.data_ptr<acc_t>();
-  const acc_t* xsp = xs.data_ptr<acc_t>();
-
-  // Expert means of w: per-tile sums in double, then the tiles of each expert summed in order, so
-  // the result is exact enough to centre with and independent of the thread count.
+  const scalar_t* xp = xc.data_ptr<scalar_t>();
   const Tiles tiles = make_tiles(off, n_exp);
   const int64_t n_tiles = static_cast<int64_t>(tiles.lo.size());
   std::vector<double> t_sum(static_cast<size_t>(n_tiles * c));
@@ -236,9 +215,15 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       double* s = t_sum.data() + t * c;
       std::fill(s, s + c, 0.0);
       for (int64_t r = tiles.lo[t]; r < tiles.lo[t] + tiles.n[t]; ++r) {
-        const acc_t* wr = wcp + r * c;
+        const int64_t p = perm_p[r];
+        const acc_t g = gp[p];
+        const scalar_t* src = xp + p * c;
+        acc_t* wr = wcp + r * c;
 #pragma omp simd
-        for (int64_t j = 0; j < c; ++j) s[j] += static_cast<double>(wr[j]);
+        for (int64_t j = 0; j < c; ++j) {
+          wr[j] = g * static_cast<acc_t>(src[j]);
+          s[j] += static_cast<double>(wr[j]);
+        }
       }
     }
   });
@@ -303,24 +288,26 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     dpe.addr_(a, xb, 1, nf);
     Tensor qe = qbuf.narrow(0, 0, n);
     at::mm_out(qe, he, A);
-    qe.add_(at::mv(Oe.t(), a));
+    const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
     if (k != acc_t(0)) {
       dpe.add_(at::mm(Oe, gram(wce)), k);
       qe.addmm_(wce, at::mm(Oe.t(), Oe), 1, k);
     }
     const acc_t* qp = qe.data_ptr<acc_t>();
+    const acc_t* otap = ota.data_ptr<acc_t>();
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t p = perm_p[lo + r];
         const acc_t g = gp[p];
         const acc_t* qr = qp + r * c;
-        const acc_t* xr = xsp + (lo + r) * c;
+        const scalar_t* xr = xp + p * c;
         scalar_t* dst = dxp + p * c;
         acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
         for (int64_t j = 0; j < c; ++j) {
-          dst[j] = static_cast<scalar_t>(g * qr[j]);
-          dot += qr[j] * xr[j];
+          const acc_t q = qr[j] + otap[j];
+          dst[j] = static_cast<scalar_t>(g * q);
+          dot += q * static_cast<acc_t>(xr[j]);
         }
         dgp[p] = dot;
       }
