@@ -41,6 +41,7 @@ CASES = [
     (200, 32, 6, 5, "empty_and_single"),
     (700, 256, 12, 32, "random"),
     (333, 130, 4, 16, "empty_and_single"),
+    (700, 130, 2, 16, "random"),  # many rows per expert: the Gram-matrix route of the backward
 ]
 
 

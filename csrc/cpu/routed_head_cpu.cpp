@@ -25,8 +25,9 @@
 //   dx_p    = g_p q_p,   dgate_p = q_p . x_p
 //   dW1     = (dh^T W) O^T,   dproj = W1^T (dh^T W) + n a x̄^T + k O S
 // so the backward costs one (n, c) x (c, c) GEMM for q plus the Gram matrix S (three quarters of
-// a GEMM, by symmetry), instead of the three of the textbook chain (recompute Y, dproj, dx).
-// Terms with k = 0 (no gradient into var) are skipped.
+// a GEMM, by symmetry) and two c^3 products, instead of the three GEMMs of the textbook chain
+// (recompute Y, dproj, dx). Experts with n < 1.6 c rows, where the c^3 terms dominate, take the
+// textbook route for the k terms. Terms with k = 0 (no gradient into var) are skipped.
 
 #include "routed_head_cpu.h"
 
@@ -78,10 +79,18 @@ Tiles make_tiles(const int64_t* off, int64_t n_exp) {
   return t;
 }
 
+// Items per parallel chunk so that a chunk holds at least kGrainElems elements of work (ATen's
+// own grain): small problems run inline instead of paying for a parallel region (and, on a loaded
+// machine, for waiting on a descheduled thread).
+constexpr int64_t kGrainElems = 32768;
+int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, work_per_item));
+}
+
 // out[r, :] = gate[perm[r]] * x[perm[r], :] in acc_t; x with contiguous rows.
 template <typename scalar_t, typename acc_t>
 void gather_rows_gated(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, acc_t* out, int64_t m) {
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, grain(c), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t p = perm[r];
       const acc_t g = gate[p];
@@ -140,7 +149,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
   acc_t* lg = logits_acc.data_ptr<acc_t>();
   const acc_t *yp = y.data_ptr<acc_t>(), *hp = hid.data_ptr<acc_t>();
   const acc_t *w2p = W2.data_ptr<acc_t>(), *b2p = B2.data_ptr<acc_t>();
-  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_tiles, grain(c * ((m + n_tiles - 1) / n_tiles)), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t lo = tiles.lo[t], nt = tiles.n[t], e = tiles.e[t];
       acc_t* mu = t_mean.data() + t * c;
@@ -169,7 +178,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
   Tensor mean = at::zeros({n_exp, c}, opts);
   Tensor var = at::zeros({n_exp}, opts);
   acc_t *mp = mean.data_ptr<acc_t>(), *vp = var.data_ptr<acc_t>();
-  at::parallel_for(0, n_exp, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_exp, grain(c * ((n_tiles + n_exp - 1) / n_exp)), [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
       acc_t n_a = 0, m2 = 0;
       for (int64_t t = tiles.first[e]; t < tiles.first[e + 1]; ++t) {
@@ -210,7 +219,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   const Tiles tiles = make_tiles(off, n_exp);
   const int64_t n_tiles = static_cast<int64_t>(tiles.lo.size());
   std::vector<double> t_sum(static_cast<size_t>(n_tiles * c));
-  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_tiles, grain(c * ((m + n_tiles - 1) / n_tiles)), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       double* s = t_sum.data() + t * c;
       std::fill(s, s + c, 0.0);
@@ -229,7 +238,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   });
   Tensor xbar = at::zeros({n_exp, c}, opts);
   acc_t* xbp = xbar.data_ptr<acc_t>();
-  at::parallel_for(0, n_exp, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_exp, grain(c * ((n_tiles + n_exp - 1) / n_exp)), [&](int64_t begin, int64_t end) {
     std::vector<double> s(c);
     for (int64_t e = begin; e < end; ++e) {
       const int64_t n = off[e + 1] - off[e];
@@ -289,13 +298,20 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     Tensor qe = qbuf.narrow(0, 0, n);
     at::mm_out(qe, he, A);
     const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
-    if (k != acc_t(0)) {
+    if (k != acc_t(0) && 5 * n >= 8 * c) {
+      // k O S and k W_c P: 7/4 n c^2 + 2 c^3 multiply-adds.
       dpe.add_(at::mm(Oe, gram(wce)), k);
       qe.addmm_(wce, at::mm(Oe.t(), Oe), 1, k);
+    } else if (k != acc_t(0)) {
+      // Few rows (n < 1.6 c): the same terms through Y_c = W_c O^T, 3 n c^2 multiply-adds:
+      // O S = Y_c^T W_c and W_c P = Y_c O.
+      const Tensor yc = at::mm(wce, Oe.t());
+      dpe.addmm_(yc.t(), wce, 1, k);
+      qe.addmm_(yc, Oe, 1, k);
     }
     const acc_t* qp = qe.data_ptr<acc_t>();
     const acc_t* otap = ota.data_ptr<acc_t>();
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, grain(c), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t p = perm_p[lo + r];
         const acc_t g = gp[p];

@@ -171,7 +171,8 @@ int main() {
     run_case("small", 53, 12, 5, 3, dt, false, experts(ids));
     run_case("strided", 53, 12, 5, 3, dt, true, experts(ids));
     run_case("one-expert", 40, 9, 3, 2, dt, false, at::full({40}, 2, at::TensorOptions().dtype(at::kLong)));
-    run_case("blocked-gram", 300, 130, 3, 5, dt, false, at::randint(0, 3, {300}, at::TensorOptions().dtype(at::kLong)));
+    run_case("blocked-gram", 700, 130, 2, 5, dt, false, at::randint(0, 2, {700}, at::TensorOptions().dtype(at::kLong)));
+    run_case("few-rows", 300, 130, 3, 5, dt, false, at::randint(0, 3, {300}, at::TensorOptions().dtype(at::kLong)));
     run_case("multi-tile", 700, 16, 2, 4, dt, false, at::randint(0, 2, {700}, at::TensorOptions().dtype(at::kLong)));
   }
   if (g_failures == 0) std::printf("routed_head_cpu: all checks passed\n");
