@@ -101,6 +101,28 @@ void gather_rows_gated(const scalar_t* xp, int64_t c, const int64_t* perm, const
   });
 }
 
+// Runs f(e) for every expert. With enough experts of balanced size, one parallel region hands
+// whole experts to threads and every GEMM of an expert runs single-threaded inside it (ATen and MKL
+// do not nest): one fork/join per call instead of one per GEMM, which matters on a loaded machine.
+// Otherwise the experts run in order with ATen's own GEMM threading. Either way each expert's
+// results come from a fixed sequence of operations, so they are reproducible for a fixed thread count.
+template <typename F>
+void for_each_expert(int64_t n_exp, const int64_t* off, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  int64_t max_n = 0;
+  for (int64_t e = 0; e < n_exp; ++e) max_n = std::max(max_n, off[e + 1] - off[e]);
+  if (threads > 1 && n_exp >= 2 * threads && 4 * max_n * threads <= 3 * off[n_exp]) {
+    at::parallel_for(0, n_exp, 1, [&](int64_t begin, int64_t end) {
+      // Worker threads do not inherit the caller's dispatch state: keep autograd out of the ATen
+      // calls of the raw kernel, as the custom op's caller does on its own thread.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t e = begin; e < end; ++e) f(e);
+    });
+  } else {
+    for (int64_t e = 0; e < n_exp; ++e) f(e);
+  }
+}
+
 // Symmetric W^T W of an (n, c) block, computing three of its four quadrants.
 Tensor gram(const Tensor& w) {
   const int64_t c = w.size(1);
@@ -132,14 +154,14 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
   gather_rows_gated<scalar_t, acc_t>(xc.data_ptr<scalar_t>(), c, perm_p, G.data_ptr<acc_t>(), ws.data_ptr<acc_t>(), m);
   Tensor y = at::empty({m, c}, opts);
   Tensor hid = at::empty({m, hdim}, opts);
-  for (int64_t e = 0; e < n_exp; ++e) {
+  for_each_expert(n_exp, off, [&](int64_t e) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
-    if (n == 0) continue;
+    if (n == 0) return;
     Tensor ye = y.narrow(0, lo, n);
     at::mm_out(ye, ws.narrow(0, lo, n), O[e].t());
     Tensor he = hid.narrow(0, lo, n);
     at::addmm_out(he, B1[e], ye, W1[e].t());
-  }
+  });
 
   const Tiles tiles = make_tiles(off, n_exp);
   const int64_t n_tiles = static_cast<int64_t>(tiles.lo.size());
@@ -162,15 +184,18 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
       }
       const acc_t inv = acc_t(1) / static_cast<acc_t>(nt);
       for (int64_t j = 0; j < c; ++j) mu[j] *= inv;
-      acc_t m2 = 0;
+      // Per-channel sums of squares (vectorisable), added up at the end in channel order.
+      std::vector<acc_t> m2v(c, acc_t(0));
       for (int64_t r = lo; r < lo + nt; ++r) {
         const acc_t* yr = yp + r * c;
-#pragma omp simd reduction(+ : m2)
+#pragma omp simd
         for (int64_t j = 0; j < c; ++j) {
           const acc_t d = yr[j] - mu[j];
-          m2 += d * d;
+          m2v[j] += d * d;
         }
       }
+      acc_t m2 = 0;
+      for (int64_t j = 0; j < c; ++j) m2 += m2v[j];
       t_m2[t] = m2;
     }
   });
@@ -265,17 +290,12 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   const acc_t *glp = GL.data_ptr<acc_t>(), *gvp = GV.data_ptr<acc_t>();
   const acc_t* w2p = W2.data_ptr<acc_t>();
   acc_t *dw2p = dw2.data_ptr<acc_t>(), *db1p = db1.data_ptr<acc_t>(), *db2p = db2.data_ptr<acc_t>();
-  int64_t max_n = 0;
-  for (int64_t e = 0; e < n_exp; ++e) max_n = std::max(max_n, off[e + 1] - off[e]);
-  Tensor hbuf = at::empty({max_n, hdim}, opts), qbuf = at::empty({max_n, c}, opts);
-
-  for (int64_t e = 0; e < n_exp; ++e) {
+  for_each_expert(n_exp, off, [&](int64_t e) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
-    if (n == 0) continue;
+    if (n == 0) return;
     const Tensor Oe = O[e], W1e = W1[e], xb = xbar[e], wce = wc.narrow(0, lo, n);
     const Tensor A = at::mm(W1e, Oe);  // (H, c)
-    Tensor he = hbuf.narrow(0, 0, n);
-    at::addmm_out(he, at::addmv(B1[e], A, xb), wce, A.t());
+    Tensor he = at::addmm(at::addmv(B1[e], A, xb), wce, A.t());
     // Classifier backward: H-wide and cheap, run in row order so the sums are reproducible.
     acc_t* hep = he.data_ptr<acc_t>();
     acc_t db2_sum = 0;
@@ -295,8 +315,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     Tensor dpe = dproj[e];
     dpe.copy_(at::mm(W1e.t(), D));
     dpe.addr_(a, xb, 1, nf);
-    Tensor qe = qbuf.narrow(0, 0, n);
-    at::mm_out(qe, he, A);
+    Tensor qe = at::mm(he, A);
     const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
     if (k != acc_t(0) && 5 * n >= 8 * c) {
       // k O S and k W_c P: 7/4 n c^2 + 2 c^3 multiply-adds.
@@ -318,17 +337,25 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
         const acc_t* qr = qp + r * c;
         const scalar_t* xr = xp + p * c;
         scalar_t* dst = dxp + p * c;
-        acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < c; ++j) {
+        // Eight running partial sums (a fixed order) let the compiler vectorise the dot product.
+        acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t j = 0;
+        for (; j + 8 <= c; j += 8) {
+          for (int l = 0; l < 8; ++l) {
+            const acc_t q = qr[j + l] + otap[j + l];
+            dst[j + l] = static_cast<scalar_t>(g * q);
+            part[l] += q * static_cast<acc_t>(xr[j + l]);
+          }
+        }
+        for (; j < c; ++j) {
           const acc_t q = qr[j] + otap[j];
           dst[j] = static_cast<scalar_t>(g * q);
-          dot += q * static_cast<acc_t>(xr[j]);
+          part[0] += q * static_cast<acc_t>(xr[j]);
         }
-        dgp[p] = dot;
+        dgp[p] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
       }
     });
-  }
+  });
   const auto st = x.scalar_type();
   return {dx, dgate.to(gate.scalar_type()), dproj.to(st), dw1.to(st), db1.to(st), dw2.to(st), db2.to(st)};
 }
