@@ -10,8 +10,8 @@ backend available here); the compat module runs ``calgan_fast.compat.official_di
 
 Environment: ``CALGAN_BENCH_DEVICE`` (``cpu`` default: B=4 at 128x128; ``cuda``: B=24 at 256x256),
 ``CALGAN_BENCH_DSTEP_SIZE`` (``B,H,W`` override), ``CALGAN_BENCH_ROUNDS`` (timed rounds, default 3).
-Peak memory (``extra_info["peak_mem_mb"]``): allocator peak on CUDA; on CPU the peak of the live
-bytes the profiler's memory events record during one step.
+Peak memory (``extra_info["peak_mem_mb"]``): allocator peak on CUDA; on CPU the rise of the
+process's peak resident set during one step (Linux).
 """
 
 from __future__ import annotations
@@ -67,24 +67,35 @@ def _make_step(variant: str):
     return step
 
 
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 def peak_memory_mb(step) -> float:
-    """Peak of the bytes allocated while ``step`` runs, above what was live before it."""
+    """Peak memory of one ``step`` above what was in use before it (MiB).
+
+    CUDA: the caching allocator's peak. CPU (Linux): the process's peak resident set (VmHWM), reset
+    just before the step through ``/proc/self/clear_refs``, minus the resident set before it; NaN
+    where that is not available.
+    """
     if DEVICE == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]")
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return peak / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        base = _proc_status_kb("VmRSS")
+    except (OSError, KeyError):
+        return float("nan")
+    step()
+    return (_proc_status_kb("VmHWM") - base) / 1024
 
 
 @pytest.mark.parametrize("variant", _variants())
