@@ -10,13 +10,15 @@ backend available here); the compat module runs ``calgan_fast.compat.official_di
 
 Environment: ``CALGAN_BENCH_DEVICE`` (``cpu`` default: B=4 at 128x128; ``cuda``: B=24 at 256x256),
 ``CALGAN_BENCH_DSTEP_SIZE`` (``B,H,W`` override), ``CALGAN_BENCH_ROUNDS`` (timed rounds, default 3).
-Peak memory (``extra_info["peak_mem_mb"]``): allocator peak on CUDA; on CPU the rise of the
-process's peak resident set during one step (Linux).
+Peak memory (``extra_info["peak_mem_mb"]``): allocator peak on CUDA; on CPU the rise of the peak
+resident set during one step, measured in a fresh process (Linux; see ``peak_memory_cpu_subprocess``).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ import calgan_fast
 from calgan_fast.compat import OfficialMOD, official_discriminator_loss
 from calgan_fast.losses import discriminator_loss
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = os.environ.get("CALGAN_BENCH_DEVICE", "cpu")
 _DEFAULT_SIZE = "24,256,256" if DEVICE == "cuda" else "4,128,128"
 B, H, W = (int(v) for v in os.environ.get("CALGAN_BENCH_DSTEP_SIZE", _DEFAULT_SIZE).split(","))
@@ -79,8 +82,9 @@ def peak_memory_mb(step) -> float:
     """Peak memory of one ``step`` above what was in use before it (MiB).
 
     CUDA: the caching allocator's peak. CPU (Linux): the process's peak resident set (VmHWM), reset
-    just before the step through ``/proc/self/clear_refs``, minus the resident set before it; NaN
-    where that is not available.
+    just before the step through ``/proc/self/clear_refs``, minus the resident set before it. Meant
+    to run in a fresh process whose malloc returns large blocks to the system on free (see
+    :func:`peak_memory_cpu_subprocess`); NaN where ``/proc`` is not available.
     """
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -98,13 +102,42 @@ def peak_memory_mb(step) -> float:
     return (_proc_status_kb("VmHWM") - base) / 1024
 
 
+def peak_memory_cpu_subprocess(variant: str) -> float:
+    """:func:`peak_memory_mb` of ``variant`` after one warm-up step, in a fresh process.
+
+    glibc keeps freed memory resident (its mmap threshold grows as large blocks are freed), which
+    would hide the peak of the measured step; a fixed threshold makes every large tensor its own
+    mapping, so the resident set follows the live tensors.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak", variant], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("variant", _variants())
 def test_dstep(benchmark, variant):
     step = _make_step(variant)
     step()  # warm-up (and the lazy load of the kernels)
     benchmark.group = f"dstep {DEVICE} B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}"
+    model, _, backend = variant.partition(":")
     benchmark.extra_info.update({
-        "variant": variant, "device": DEVICE, "B": B, "H": H, "W": W, "N": NUM_EXPERTS, "nf": NUM_FEAT,
-        "threads": torch.get_num_threads(), "peak_mem_mb": round(peak_memory_mb(step), 1),
+        # the keys benchmarks/report.py renders
+        "kind": "dstep", "model": "compat" if model == "official" else model, "backend": backend or "-",
+        "shape": f"B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}", "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "peak_mem_mb": round(peak_memory_mb(step) if DEVICE == "cuda" else peak_memory_cpu_subprocess(variant), 1),
+        "variant": variant, "device": DEVICE,
     })
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+
+
+if __name__ == "__main__":
+    # python benchmarks/bench_dstep.py --peak VARIANT: print the peak memory (MiB) of one step.
+    if len(sys.argv) == 3 and sys.argv[1] == "--peak":
+        _step = _make_step(sys.argv[2])
+        _step()
+        print(peak_memory_mb(_step))
+    else:
+        sys.exit("usage: python benchmarks/bench_dstep.py --peak VARIANT (the benchmark itself runs under pytest)")
