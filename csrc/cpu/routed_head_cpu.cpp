@@ -9,11 +9,12 @@
 //
 // Algorithm. A stable counting sort groups the rows by expert (perm, offsets). The rows are
 // gathered once into a contiguous acc buffer (which also makes strided x and bf16 cheap), and
-// every GEMM runs on one expert's contiguous block through ATen (MKL/oneDNN, which is faster than
-// anything hand-written here and threads itself). The cheap per-row and per-tile work around the
-// GEMMs runs in at::parallel_for (OpenMP) over fixed tiles of kTileRows rows, each writing only its
-// own outputs; every reduction is then summed per expert in a fixed order, so results are
-// bitwise reproducible for a fixed thread count.
+// every GEMM runs on one expert's contiguous block through ATen (MKL/oneDNN, faster than anything
+// hand-written here). With enough experts of balanced size one parallel region (at::parallel_for,
+// OpenMP) hands whole experts to threads and their GEMMs run single-threaded; otherwise experts run
+// in order and ATen threads each GEMM. The cheap per-row and per-tile work around the GEMMs runs
+// over fixed tiles of kTileRows rows, each writing only its own outputs; every reduction is then
+// summed per expert in a fixed order, so results are bitwise reproducible for a fixed thread count.
 //
 // Forward, per expert e (rows w_p = g_p x_p):  Y = W O^T (one GEMM), H = Y W1^T + b1; then per
 // tile: logits (classifier_logit), tile mean and M2 of Y; the tiles merge by Chan's formula.
