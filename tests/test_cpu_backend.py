@@ -284,3 +284,12 @@ def test_reference_agrees_with_ref_function():
     a = calgan_fast.routed_head(*inputs, backend="reference")
     b = routed_head_ref(*inputs)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_autocast_does_not_recast_the_kernel():
+    # Under CPU autocast the kernel keeps its own precisions (fp32 accumulation for fp32 inputs).
+    inputs = make_inputs(600, 64, 6, 8, requires_grad=True)
+    plain = _all_outputs(inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _all_outputs(_leaf(inputs, torch.float32))
+    assert all(torch.equal(a, b) for a, b in zip(plain, auto))

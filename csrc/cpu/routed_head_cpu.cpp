@@ -34,6 +34,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -391,6 +392,8 @@ std::tuple<Tensor, Tensor, Tensor> routing_metadata_cpu(const Tensor& expert, in
 std::vector<Tensor> routed_head_fwd_cpu(const Tensor& x, const Tensor& expert, const Tensor& gate, const Tensor& proj,
                                         const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
   check_routed_head_args(x, expert, gate, proj, w1, b1, w2, b2, c10::DeviceType::CPU);
+  // The kernel picks its own precisions: an enclosing autocast region must not recast its GEMMs.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_head_fwd_cpu", [&] {
     out = fwd_typed<scalar_t>(x, expert, gate, proj, w1, b1, w2, b2);
@@ -404,6 +407,8 @@ std::vector<Tensor> routed_head_bwd_cpu(const Tensor& glogits, const Tensor& gme
                                         const Tensor& count, const Tensor& mean, const Tensor& perm,
                                         const Tensor& offsets) {
   check_routed_head_args(x, expert, gate, proj, w1, b1, w2, b2, c10::DeviceType::CPU);
+  // The kernel picks its own precisions: an enclosing autocast region must not recast its GEMMs.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_routed_head_bwd_args(glogits, gmean, gvar, x, count, mean, perm, offsets, proj.size(0));
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_head_bwd_cpu", [&] {

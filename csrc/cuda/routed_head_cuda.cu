@@ -27,6 +27,7 @@
 // deterministic ATen reductions on the device.
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -364,6 +365,8 @@ std::tuple<Tensor, Tensor, Tensor> routing_metadata_cuda(const Tensor& expert, i
 std::vector<Tensor> routed_head_fwd_cuda(const Tensor& x, const Tensor& expert, const Tensor& gate, const Tensor& proj,
                                          const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
   check_routed_head_args(x, expert, gate, proj, w1, b1, w2, b2, c10::DeviceType::CUDA);
+  // The kernel picks its own precisions: an enclosing autocast region must not recast its GEMMs.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   TORCH_CHECK(x.scalar_type() != at::kDouble,
               "x: the cuda backend takes fp16/bf16/fp32; use backend='torch' for fp64");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -415,6 +418,8 @@ std::vector<Tensor> routed_head_bwd_cuda(const Tensor& glogits, const Tensor& gm
                                          const Tensor& count, const Tensor& mean, const Tensor& perm,
                                          const Tensor& offsets) {
   check_routed_head_args(x, expert, gate, proj, w1, b1, w2, b2, c10::DeviceType::CUDA);
+  // The kernel picks its own precisions: an enclosing autocast region must not recast its GEMMs.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_routed_head_bwd_args(glogits, gmean, gvar, x, count, mean, perm, offsets, proj.size(0));
   TORCH_CHECK(x.scalar_type() != at::kDouble,
               "x: the cuda backend takes fp16/bf16/fp32; use backend='torch' for fp64");
