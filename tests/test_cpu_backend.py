@@ -1,0 +1,295 @@
+"""The ``cpu`` backend (fused C++ kernels of ``calgan_fast._C``) against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import calgan_fast
+from calgan_fast.ops.backends import BACKENDS, resolve_backend
+from calgan_fast.ops.routed_head import backend_ops
+from calgan_fast.reference import routed_head_ref, routing_metadata_ref
+from tests.utils import TOL, grads_of, make_inputs
+
+_ok, _why = BACKENDS["cpu"].available()
+pytestmark = pytest.mark.skipif(not _ok, reason=f"cpu backend not built: {_why}")
+
+FLOAT_ARGS = (0, 2, 3, 4, 5, 6, 7)  # positions of x, gate, proj, w1, b1, w2, b2
+
+
+def _expert(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randint(0, n, (m,), generator=g)
+    if kind == "one_expert":  # every row on the last expert, the others empty
+        return torch.full((m,), n - 1, dtype=torch.long)
+    if kind == "empty_and_single":  # expert 0 empty, expert 1 one row, the rest random over 2..n-1
+        e = torch.randint(2, n, (m,), generator=g)
+        e[m // 2] = 1
+        return e
+    raise ValueError(kind)
+
+
+# (M, c, N, hdim, expert kind): sizes off any block multiple, c not a power of two, N = 1, prime N,
+# c >= 128 (the blocked Gram matrix) with an odd split, and the benchmark's c, N.
+CASES = [
+    (300, 40, 5, None, "random"),
+    (1, 16, 3, 4, "random"),
+    (257, 24, 1, 7, "random"),
+    (1000, 36, 13, None, "random"),
+    (129, 20, 7, 3, "one_expert"),
+    (200, 32, 6, 5, "empty_and_single"),
+    (700, 256, 12, 32, "random"),
+    (333, 130, 4, 16, "empty_and_single"),
+    (700, 130, 2, 16, "random"),  # many rows per expert: the Gram-matrix route of the backward
+]
+
+
+def _ids(case):
+    m, c, n, h, kind = case
+    return f"M{m}-c{c}-N{n}-h{h}-{kind}"
+
+
+def _run(inputs, backend):
+    out = calgan_fast.routed_head(*inputs, backend=backend)
+    floats = [inputs[i] for i in FLOAT_ARGS]
+    return list(out), list(grads_of(out, floats))
+
+
+def _leaf(inputs, dtype):
+    return [t.detach().to(dtype).requires_grad_(True) if t.is_floating_point() else t for t in inputs]
+
+
+def _assert_close_to_ref(name, out, out_ref, out_pt, dtype):
+    """FA's rule: the kernel's error is at most 2x that of plain PyTorch in the same dtype, plus tolerance."""
+    rtol, atol = TOL[dtype]
+    ref = out_ref.double()
+    err = (out.double() - ref).abs().max().item()
+    err_pt = (out_pt.double() - ref).abs().max().item()
+    bound = 2 * err_pt + atol + rtol * ref.abs().max().item()
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (plain PyTorch: {err_pt:.3e})"
+
+
+NAMES = ["logits", "count", "mean", "var", "dx", "dgate", "dproj", "dw1", "db1", "dw2", "db2"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_matches_reference(case, dtype):
+    m, c, n, h, kind = case
+    inputs = make_inputs(m, c, n, h, dtype=dtype, expert=_expert(kind, m, n), requires_grad=True)
+    out, grads = _run(inputs, "cpu")
+    out_pt, grads_pt = _run(_leaf(inputs, dtype), "torch")
+    out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
+    assert out[0].dtype == dtype and out[2].dtype == torch.float32 and out[3].dtype == torch.float32
+    assert torch.equal(out[1], out_ref[1]), "count"
+    for i, name in enumerate(NAMES):
+        a, r, p = (out + grads)[i], (out_ref + grads_ref)[i], (out_pt + grads_pt)[i]
+        if name == "count":
+            continue
+        assert a.dtype == p.dtype, f"{name}: dtype {a.dtype}, torch backend gives {p.dtype}"
+        _assert_close_to_ref(name, a, r, p, dtype)
+
+
+@pytest.mark.parametrize("case", CASES[:6], ids=_ids)
+def test_fp64_matches_reference(case):
+    m, c, n, h, kind = case
+    inputs = make_inputs(m, c, n, h, dtype=torch.float64, expert=_expert(kind, m, n), requires_grad=True)
+    out, grads = _run(inputs, "cpu")
+    out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
+    rtol, atol = TOL[torch.float64]
+    for name, a, r in zip(NAMES, out + grads, out_ref + grads_ref):
+        torch.testing.assert_close(a, r, rtol=rtol, atol=atol, msg=lambda s, nm=name: f"{nm}: {s}")
+
+
+def test_statistics_of_tiny_experts():
+    # Expert 0 empty, 1 with one row, 2 with two rows: mean/var exactly as DESIGN §2 defines them.
+    x, _, gate, proj, w1, b1, w2, b2 = make_inputs(3, 8, 3, 2, dtype=torch.float64)
+    expert = torch.tensor([2, 1, 2])
+    out = calgan_fast.routed_head(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu")
+    y = gate[:, None] * torch.einsum("mc,mdc->md", x, proj[expert])
+    assert out.count.tolist() == [0, 1, 2]
+    assert torch.equal(out.mean[0], torch.zeros(8, dtype=torch.float64)) and out.var[0] == 0
+    torch.testing.assert_close(out.mean[1], y[1])
+    assert out.var[1] == 0
+    torch.testing.assert_close(out.mean[2], (y[0] + y[2]) / 2)
+    torch.testing.assert_close(out.var[2], ((y[0] - y[2]) / 2).square().mean())
+
+
+def test_statistics_stable_with_large_offset():
+    # A large common offset in y: E[y^2] - E[y]^2 in fp32 would lose the variance entirely.
+    m, c = 4096, 16
+    x = torch.randn(m, c, dtype=torch.float64) * 1e-2 + 1e3
+    eye = torch.eye(c, dtype=torch.float64)[None]
+    args = (x, torch.zeros(m, dtype=torch.long), torch.ones(m, dtype=torch.float64), eye,
+            torch.zeros(1, 2, c, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
+            torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    var64 = calgan_fast.routed_head(*args, backend="cpu").var
+    var32 = calgan_fast.routed_head(*(a.float() if a.is_floating_point() else a for a in args), backend="cpu").var
+    torch.testing.assert_close(var64, x.var(0, unbiased=False).mean()[None], rtol=1e-9, atol=0)
+    torch.testing.assert_close(var32.double(), var64, rtol=1e-3, atol=0)
+
+
+def test_non_contiguous_x():
+    c, hh, ww, n = 24, 9, 11, 5
+    feat = torch.randn(c, hh, ww, dtype=torch.float32)
+    x = feat.view(c, hh * ww).t()  # an NCHW map (B = 1) viewed as rows: strides (1, H*W)
+    assert not x.is_contiguous()
+    _, expert, gate, proj, w1, b1, w2, b2 = make_inputs(hh * ww, c, n)
+    x.requires_grad_(True)
+    for t in (gate, proj, w1, b1, w2, b2):
+        t.requires_grad_(True)
+    inputs = [x, expert, gate, proj, w1, b1, w2, b2]
+    out, grads = _run(inputs, "cpu")
+    out_c, grads_c = _run(_leaf([x.contiguous(), *inputs[1:]], torch.float32), "cpu")
+    for a, b in zip(out + grads, out_c + grads_c):
+        assert torch.equal(a, b)
+    # A column-sliced view too.
+    big = torch.randn(hh * ww, 2 * c)
+    xs = big[:, ::2]
+    o1 = calgan_fast.routed_head(xs, expert, gate, proj, w1, b1, w2, b2, backend="cpu")
+    o2 = calgan_fast.routed_head(xs.contiguous(), expert, gate, proj, w1, b1, w2, b2, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(o1, o2))
+
+
+def test_gradcheck_fp64():
+    inputs = make_inputs(37, 12, 4, 5, dtype=torch.float64, expert=_expert("empty_and_single", 37, 4),
+                         requires_grad=True)
+    expert = inputs[1]
+
+    def f(x, gate, proj, w1, b1, w2, b2):
+        out = calgan_fast.routed_head(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu")
+        return out.logits, out.mean, out.var
+
+    floats = tuple(inputs[i] for i in FLOAT_ARGS)
+    assert torch.autograd.gradcheck(f, floats, fast_mode=True)
+    # The full Jacobian once, on a tiny problem (one expert empty, one with a single row).
+    small = make_inputs(9, 5, 3, 2, dtype=torch.float64, expert=torch.tensor([0, 2, 2, 0, 2, 2, 0, 2, 1]),
+                        requires_grad=True)
+    expert = small[1]
+    assert torch.autograd.gradcheck(f, tuple(small[i] for i in FLOAT_ARGS), check_batched_grad=False)
+
+
+def test_double_backward_fails_loudly():
+    inputs = make_inputs(20, 8, 2, dtype=torch.float64, requires_grad=True)
+    out = calgan_fast.routed_head(*inputs, backend="cpu")
+    (gx,) = torch.autograd.grad(out.logits.sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+def _all_outputs(inputs):
+    out, grads = _run(inputs, "cpu")
+    return [t.detach().clone() for t in out + grads]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_deterministic(dtype):
+    inputs = make_inputs(1500, 256, 12, 32, dtype=dtype, requires_grad=True)
+    first = _all_outputs(inputs)
+    second = _all_outputs(_leaf(inputs, dtype))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_a = _all_outputs(_leaf(inputs, dtype))
+        one_b = _all_outputs(_leaf(inputs, dtype))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(one_a, one_b))
+
+
+def test_routing_metadata_op():
+    for m, n in ((1, 1), (100, 7), (1000, 13)):
+        expert = torch.randint(0, n, (m,))
+        got = torch.ops.calgan_fast_C.routing_metadata(expert, n)
+        want = routing_metadata_ref(expert, n)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="expert"):
+        torch.ops.calgan_fast_C.routing_metadata(torch.tensor([0, 3]), 3)
+
+
+def test_auto_picks_cpu(monkeypatch):
+    monkeypatch.delenv("CALGAN_FAST_BACKEND", raising=False)
+    assert resolve_backend("auto", torch.device("cpu")).name == "cpu"
+
+
+def _raw_args(m=10, c=8, n=3):
+    return list(make_inputs(m, c, n, 2))
+
+
+@pytest.mark.parametrize(
+    "index, bad, match",
+    [
+        (1, torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 2]), "expert"),  # id 3 with 3 experts
+        (1, torch.tensor([0, -1, 2, 1, 0, 1, 2, 0, 1, 2]), "expert"),
+        (1, torch.zeros(10, dtype=torch.int32), "expert"),
+        (2, torch.ones(9), "gate"),
+        (3, torch.randn(3, 8, 7), "proj"),
+        (4, torch.randn(2, 2, 8), "w1"),
+        (4, torch.randn(3, 2, 8, dtype=torch.float64), "w1"),
+        (5, torch.randn(3, 3), "b1"),
+        (6, torch.randn(3, 5), "w2"),
+        (7, torch.randn(4), "b2"),
+        (0, torch.randn(0, 8), "x"),
+        (0, torch.randn(10, 8, 1), "x"),
+    ],
+)
+def test_bad_input_raw_op_names_argument(index, bad, match):
+    args = _raw_args()
+    args[index] = bad
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+
+
+def test_bad_input_public_api():
+    args = _raw_args()
+    args[1] = torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="expert"):
+        calgan_fast.routed_head(*args, backend="cpu")
+
+
+def test_bad_backward_args_name_argument():
+    args = _raw_args()
+    x, expert, gate, proj, w1, b1, w2, b2 = args
+    _, count, mean, _, perm, offsets = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+    good = [torch.randn(10), torch.randn(3, 8), torch.randn(3), *args, count, mean, perm, offsets]
+    torch.ops.calgan_fast_C.routed_head_bwd_cpu(*good)
+    for index, bad, match in ((0, torch.randn(9), "glogits"), (1, torch.randn(3, 7), "gmean"),
+                              (2, torch.randn(4), "gvar"), (14, torch.zeros(3, dtype=torch.long), "offsets")):
+        args_bad = list(good)
+        args_bad[index] = bad
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.calgan_fast_C.routed_head_bwd_cpu(*args_bad)
+
+
+def test_opcheck():
+    fwd, bwd = backend_ops("cpu")
+    for dtype in (torch.float32, torch.float64):
+        inputs = make_inputs(50, 12, 4, 3, dtype=dtype, expert=_expert("empty_and_single", 50, 4),
+                             requires_grad=True)
+        torch.library.opcheck(fwd, tuple(inputs))
+        _, count, mean, _, perm, offsets = fwd(*inputs)
+        sd = mean.dtype
+        grads = (torch.randn(50, dtype=dtype), torch.randn(4, 12, dtype=sd), torch.randn(4, dtype=sd))
+        bwd_args = tuple(t.detach() for t in (*grads, *inputs, count, mean, perm, offsets))
+        torch.library.opcheck(bwd, bwd_args)
+
+
+def test_reference_agrees_with_ref_function():
+    # The public reference path and routed_head_ref are one function: guard the test's oracle.
+    inputs = make_inputs(64, 16, 3, dtype=torch.float64)
+    a = calgan_fast.routed_head(*inputs, backend="reference")
+    b = routed_head_ref(*inputs)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_autocast_does_not_recast_the_kernel():
+    # Under CPU autocast the kernel keeps its own precisions (fp32 accumulation for fp32 inputs).
+    inputs = make_inputs(600, 64, 6, 8, requires_grad=True)
+    plain = _all_outputs(inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _all_outputs(_leaf(inputs, torch.float32))
+    assert all(torch.equal(a, b) for a, b in zip(plain, auto))
