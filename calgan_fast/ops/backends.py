@@ -51,6 +51,8 @@ def _cuda_available() -> tuple[bool, str]:
             "calgan_fast._C was built without CUDA; with nvcc (CUDA_HOME) and a CUDA build of "
             f"torch, {REINSTALL} (FORCE_CUDA=1 to build without a visible GPU)"
         )
+    if not hasattr(torch.ops.calgan_fast_C, "routed_head_fwd_cuda"):
+        return False, f"calgan_fast._C was built without the CUDA kernels; {REINSTALL}"
     return True, ""
 
 
