@@ -15,6 +15,7 @@
 #   tests.log/.xml     pytest -m "gpu or cuda" tests
 #   head_quick.json/.md  forward+backward at the headline shape, every backend vs matmul
 #   bench_head.json/.md  the full head benchmark (benchmarks/bench_head.py) and its report
+#   bench_dstep.json/.md the discriminator step, B=24 at 256x256, against the compat module
 #   summary.md         the stages, their status and time
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 570), MAX_JOBS.
 set -uo pipefail
@@ -117,7 +118,7 @@ cat "$OUT/head_quick.md"
 if [[ -f benchmarks/bench_head.py ]]; then
     export CALGAN_BENCH_DEVICE=cuda
     # SIGINT on time-out: pytest then ends the session and pytest-benchmark still writes the JSON.
-    TIMEOUT_SIGNAL=INT stage bench_head 15 "$PY" -m pytest -q benchmarks/bench_head.py \
+    TIMEOUT_SIGNAL=INT stage bench_head 90 "$PY" -m pytest -q benchmarks/bench_head.py \
         -p no:cacheprovider --benchmark-json="$OUT/bench_head.json" > "$OUT/bench_head.log" 2>&1
     tail -n 5 "$OUT/bench_head.log"
     if [[ -s "$OUT/bench_head.json" ]]; then
@@ -126,6 +127,17 @@ if [[ -f benchmarks/bench_head.py ]]; then
 else
     echo "| bench_head | missing: benchmarks/bench_head.py not in this tree | 0 |" >> "$SUMMARY"
     STATUS=1
+fi
+
+# 6. The discriminator step (DESIGN section 7, GPU: B=24 at 256x256) against the compat module.
+if [[ -f benchmarks/bench_dstep.py ]]; then
+    CALGAN_BENCH_DEVICE=cuda CALGAN_BENCH_ROUNDS=5 TIMEOUT_SIGNAL=INT stage bench_dstep 5 \
+        "$PY" -m pytest -q benchmarks/bench_dstep.py -p no:cacheprovider \
+        --benchmark-json="$OUT/bench_dstep.json" > "$OUT/bench_dstep.log" 2>&1
+    tail -n 5 "$OUT/bench_dstep.log"
+    if [[ -s "$OUT/bench_dstep.json" ]]; then
+        "$PY" benchmarks/report.py "$OUT/bench_dstep.json" > "$OUT/bench_dstep.md" 2>/dev/null
+    fi
 fi
 
 {
