@@ -8,7 +8,7 @@ are both present. Environment variables (also in the README):
 | ``CALGAN_FAST_SKIP_CUDA_BUILD=1`` | build the CPU part only, even where CUDA is available |
 | ``FORCE_CUDA=1`` | build the CUDA part or fail (no toolkit / CPU-only torch is an error) |
 | ``CUDA_HOME`` | the toolkit to use (default: ``/usr/local/cuda`` or the one ``nvcc`` belongs to) |
-| ``TORCH_CUDA_ARCH_LIST`` | GPU architectures to compile for (default ``8.0;9.0``) |
+| ``TORCH_CUDA_ARCH_LIST`` | GPU architectures to compile for (default ``8.0;9.0+PTX``) |
 | ``MAX_JOBS`` | parallel compile jobs (ninja) |
 | ``CALGAN_FAST_SKIP_EXT=1`` | build no extension at all (pure Python; ``cpu``/``cuda`` backends absent) |
 """
@@ -77,7 +77,7 @@ def _extensions():
         else:
             print("calgan_fast: building the CPU part only: " + "; ".join(reasons), file=sys.stderr)
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX: newer GPUs JIT-compile it
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for

@@ -24,7 +24,8 @@ static std::string build_info() {
 
 }  // namespace calgan_fast
 
-// The schemas of the raw kernels; implementations register per dispatch key in cpu/ and cuda/.
+// The namespace of the raw kernels; their schemas are in routed_head_schema.cpp and their
+// implementations register per dispatch key in cpu/ and cuda/.
 TORCH_LIBRARY(calgan_fast_C, m) {
   m.def("build_info() -> str", [] { return calgan_fast::build_info(); });
 }

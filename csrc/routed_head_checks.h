@@ -3,6 +3,8 @@
 // ValueError/TypeError; these guard direct calls of torch.ops.calgan_fast_C.*.)
 #pragma once
 
+#include <vector>
+
 #include <ATen/ATen.h>
 
 namespace calgan_fast {
@@ -72,6 +74,40 @@ inline void check_routed_head_bwd_args(const at::Tensor& glogits, const at::Tens
   TORCH_CHECK(at::isFloatingType(glogits.scalar_type()), "glogits: expected a floating-point tensor");
   TORCH_CHECK(at::isFloatingType(gmean.scalar_type()), "gmean: expected a floating-point tensor");
   TORCH_CHECK(at::isFloatingType(gvar.scalar_type()), "gvar: expected a floating-point tensor");
+}
+
+
+// The routing metadata handed to a backward: offsets must be a non-decreasing run from 0 to M that
+// agrees with count, and perm a permutation of [0, M) (range checked on every device, duplicates on
+// CPU), so that a malformed direct call raises instead of writing out of bounds.
+inline void check_routing_metadata(const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& count,
+                                   int64_t m, int64_t n) {
+  const at::Tensor off = offsets.to(at::kCPU).contiguous();
+  const at::Tensor cnt = count.to(at::kCPU).contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  const int64_t* k = cnt.data_ptr<int64_t>();
+  TORCH_CHECK(o[0] == 0 && o[n] == m, "offsets: must run from 0 to M = ", m, ", got ", o[0], " .. ", o[n]);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(o[i + 1] >= o[i], "offsets: must be non-decreasing (offsets[", i + 1, "] = ", o[i + 1],
+                " < offsets[", i, "] = ", o[i], ")");
+    TORCH_CHECK(k[i] == o[i + 1] - o[i], "count: count[", i, "] = ", k[i], " disagrees with offsets (",
+                o[i + 1] - o[i], " rows)");
+  }
+  if (m == 0) return;
+  if (perm.is_cpu()) {
+    const at::Tensor pc = perm.contiguous();
+    const int64_t* p = pc.data_ptr<int64_t>();
+    std::vector<char> seen(static_cast<size_t>(m), 0);
+    for (int64_t i = 0; i < m; ++i) {
+      TORCH_CHECK(p[i] >= 0 && p[i] < m, "perm: entry ", i, " = ", p[i], " lies outside [0, ", m, ")");
+      TORCH_CHECK(!seen[p[i]], "perm: row ", p[i], " appears twice; perm must be a permutation");
+      seen[p[i]] = 1;
+    }
+  } else {
+    const auto mm = at::aminmax(perm);
+    const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < m, "perm: entries must lie in [0, ", m, "), found [", lo, ", ", hi, "]");
+  }
 }
 
 }  // namespace calgan_fast

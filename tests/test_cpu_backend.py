@@ -175,7 +175,7 @@ def test_double_backward_fails_loudly():
     inputs = make_inputs(20, 8, 2, dtype=torch.float64, requires_grad=True)
     out = calgan_fast.routed_head(*inputs, backend="cpu")
     (gx,) = torch.autograd.grad(out.logits.sum(), inputs[0], create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         gx.sum().backward()
 
 
@@ -263,6 +263,31 @@ def test_bad_backward_args_name_argument():
         args_bad[index] = bad
         with pytest.raises(RuntimeError, match=match):
             torch.ops.calgan_fast_C.routed_head_bwd_cpu(*args_bad)
+
+
+def test_bad_routing_metadata_in_backward_raises():
+    # Direct calls with inconsistent metadata must raise, not write out of bounds.
+    args = _raw_args()
+    _, count, mean, _, perm, offsets = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+    grads = [torch.randn(10), torch.randn(3, 8), torch.randn(3)]
+
+    def call(count=count, perm=perm, offsets=offsets):
+        return torch.ops.calgan_fast_C.routed_head_bwd_cpu(*grads, *args, count, mean, perm, offsets)
+
+    call()
+    bad_perm = perm.clone()
+    bad_perm[0] = 10
+    with pytest.raises(RuntimeError, match="perm: entry 0"):
+        call(perm=bad_perm)
+    dup = perm.clone()
+    dup[1] = dup[0]
+    with pytest.raises(RuntimeError, match="perm: row"):
+        call(perm=dup)
+    non_mono = torch.tensor([0, 6, 3, 10])
+    with pytest.raises(RuntimeError, match="offsets: must be non-decreasing"):
+        call(offsets=non_mono, count=torch.tensor([6, -3, 7]))
+    with pytest.raises(RuntimeError, match="count"):
+        call(count=count + torch.tensor([1, -1, 0]))
 
 
 def test_opcheck():

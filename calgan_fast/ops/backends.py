@@ -112,7 +112,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [n for n, b in BACKENDS.items() if b.runs_on(device) and b.available()[0]]
 
 
-def resolve_backend(backend: str, device: torch.device) -> Backend:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> Backend:
     """The backend that ``backend`` names for tensors on ``device``.
 
     ``"auto"`` (or the value of ``CALGAN_FAST_BACKEND`` when set) picks, for CUDA tensors,
@@ -128,6 +128,8 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
         for cand in order:
             b = BACKENDS[cand]
+            if cand == "cuda" and dtype == torch.float64:
+                continue  # the CUDA kernels take fp16/bf16/fp32 only
             if b.runs_on(device) and b.available()[0]:
                 return b
         return BACKENDS["torch"]

@@ -28,7 +28,7 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu"):
     """Fused forward.
 
     Args:
-        x: ``(M, c)`` fp32/bf16/fp16/fp64, any strides; expert ``(M,)`` int64; gate ``(M,)``;
+        x: ``(M, c)`` fp32/bf16/fp16 (``cpu`` also fp64), any strides; expert ``(M,)`` int64; gate ``(M,)``;
             proj ``(N, c, c)``; w1 ``(N, hdim, c)``; b1 ``(N, hdim)``; w2 ``(N, hdim)``; b2 ``(N,)``,
             all floats in ``x.dtype`` and on x's device.
         backend: ``"cpu"`` or ``"cuda"``, the backend that called.
@@ -46,7 +46,9 @@ def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count,
     """Fused backward: ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the dtypes of the inputs.
 
     ``glogits (M,)``, ``gmean (N, c)``, ``gvar (N,)`` are the upstream gradients; ``count``,
-    ``mean``, ``perm``, ``offsets`` are the forward's outputs. ``y`` and ``z`` are recomputed.
+    ``mean``, ``perm``, ``offsets`` are the forward's outputs. Nothing of the forward is saved: the
+    hidden activations are recomputed from x, and the gradients of ``y`` are formed algebraically
+    from x, the gate and the expert means (see ``csrc/cpu/routed_head_cpu.cpp``).
     """
     _, bwd = _ops(backend)
     return bwd(glogits, gmean, gvar, x, expert.long(), gate, proj, w1, b1, w2, b2, count, mean, perm, offsets)

@@ -4,7 +4,8 @@ Every fast backend is exposed as two custom ops with one schema,
 ``calgan_fast::routed_head_fwd_<backend>`` and ``calgan_fast::routed_head_bwd_<backend>``, with
 fake (meta) implementations so that ``torch.library.opcheck`` passes and ``torch.compile`` can
 trace models that use them. Autograd saves the inputs, the routing metadata and the expert means,
-and calls the backward op, which recomputes ``y`` and ``z``. The backward op itself has no
+and calls the backward op, which recomputes what it needs of the forward (``y`` and ``z`` in the
+``torch`` and ``triton`` backends; ``z`` and an algebraic form of ``y`` in ``cpu``/``cuda``). The backward op itself has no
 autograd formula: a double backward (an R1 penalty through D) raises instead of being wrong.
 """
 
@@ -212,7 +213,7 @@ def routed_head(
     propagates to that row's logit and to the statistics of its expert, and nowhere else.
     """
     check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, check_range=check_range)
-    b = resolve_backend(backend, x.device)
+    b = resolve_backend(backend, x.device, x.dtype)
     if b.name == "reference":
         with _no_autocast(x.device):
             logits, count, mean, var = routed_head_ref(x, expert, gate, proj, w1, b1, w2, b2)

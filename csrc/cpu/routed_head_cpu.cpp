@@ -410,6 +410,7 @@ std::vector<Tensor> routed_head_bwd_cpu(const Tensor& glogits, const Tensor& gme
   // The kernel picks its own precisions: an enclosing autocast region must not recast its GEMMs.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_routed_head_bwd_args(glogits, gmean, gvar, x, count, mean, perm, offsets, proj.size(0));
+  check_routing_metadata(perm, offsets, count, x.size(0), proj.size(0));
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_head_bwd_cpu", [&] {
     out = bwd_typed<scalar_t>(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, perm, offsets);

@@ -421,6 +421,7 @@ std::vector<Tensor> routed_head_bwd_cuda(const Tensor& glogits, const Tensor& gm
   // The kernel picks its own precisions: an enclosing autocast region must not recast its GEMMs.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_routed_head_bwd_args(glogits, gmean, gvar, x, count, mean, perm, offsets, proj.size(0));
+  check_routing_metadata(perm, offsets, count, x.size(0), proj.size(0));
   TORCH_CHECK(x.scalar_type() != at::kDouble,
               "x: the cuda backend takes fp16/bf16/fp32; use backend='torch' for fp64");
   const c10::cuda::CUDAGuard guard(x.device());
