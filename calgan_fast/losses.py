@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn.discriminator import ExpertStats
+from .nn.discriminator import DiscriminatorOutput, ExpertStats
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -121,16 +121,22 @@ def _unwrap(d: nn.Module) -> nn.Module:
 
 
 def discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, weights: Mapping[str, float] | None = None,
-                       balance: str = "paper", gan: str = "relativistic") -> dict:
+                       balance: str = "paper", gan: str = "relativistic",
+                       real: DiscriminatorOutput | None = None) -> dict:
     """The discriminator's loss of one (HR, SR) batch (DESIGN §4).
 
     The real pass comes first; its routing (detached) routes the fake pass; ``sr`` is detached.
     Returns a dict of scalar tensors ``balance``, ``ortho``, ``dist``, ``dist_between``,
     ``dist_within``, ``adv``, ``total`` (the weighted sum, differentiable), detached ``acc_real``
     and ``acc_fake``, and ``routing``/``stats`` of the real pass (detached) for logging.
+
+    ``real``: the output of ``D(hr, return_aux=True)`` computed with gradient by the caller (for
+    example once per training step, shared with :func:`generator_adversarial_loss`); by default
+    the real pass is run here.
     """
     w = resolve_weights(weights)
-    real = D(hr, return_aux=True)
+    if real is None:
+        real = D(hr, return_aux=True)
     fake = D(sr.detach(), routing=real.routing.detach(), return_aux=True)
     l_b = balancing_loss(real.routing.probs, real.routing.expert, balance)
     l_o = orthogonal_loss(_unwrap(D).proj)
@@ -159,18 +165,23 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
-def generator_adversarial_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan: str = "relativistic") -> Tensor:
+def generator_adversarial_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan: str = "relativistic",
+                               real: DiscriminatorOutput | None = None) -> Tensor:
     """L_gen (Eq. 1): D scores ``sr`` with the experts of ``hr`` (HR routing reused); D's
     parameters receive no gradient, ``sr`` does.
 
-    The HR pass runs without gradient in D's current mode: in training it draws its own Gumbel
+    ``real``: the output of ``D(hr, return_aux=True)`` when the caller already has it (a training
+    step can run the real pass once, with gradient, and hand it to both this function and
+    :func:`discriminator_loss`: one HR pass and one Gumbel routing per step). By default the HR
+    pass runs here without gradient in D's current mode: in training it draws its own Gumbel
     routing and, like any train-mode pass, updates BatchNorm running statistics.
     """
-    with torch.no_grad():
-        real = D(hr, return_aux=True)
+    if real is None:
+        with torch.no_grad():
+            real = D(hr, return_aux=True)
     with frozen(D):
         fake = D(sr, routing=real.routing)
-    return gan_loss(real.logits, fake, gan, for_discriminator=False)
+    return gan_loss(real.logits.detach(), fake, gan, for_discriminator=False)
 
 
 # --------------------------------------------------------------------------------------------

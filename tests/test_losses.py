@@ -141,3 +141,22 @@ def test_perceptual_loss_missing_file(tmp_path):
         PerceptualLoss(weights=missing)
     with pytest.raises(ValueError, match="layer_weights"):
         PerceptualLoss(weights=None, layer_weights={"conv9_9": 1.0})
+
+
+def test_shared_real_pass_gives_the_same_losses():
+    # With deterministic routing, handing both losses one real pass equals running it in each.
+    torch.manual_seed(0)
+    D = CALGANDiscriminator(num_feat=8, num_experts=4, routing="argmax", backend="torch").train()
+    hr, sr = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    real = D(hr, return_aux=True)
+    torch.testing.assert_close(generator_adversarial_loss(D, hr, sr, real=real),
+                               generator_adversarial_loss(D, hr, sr))
+    shared = discriminator_loss(D, hr, sr, real=real)
+    own = discriminator_loss(D, hr, sr)
+    for k in ("balance", "ortho", "dist", "adv", "total"):
+        torch.testing.assert_close(shared[k], own[k])
+    shared["total"].backward()
+    g_shared = D.proj.grad.clone()
+    D.zero_grad()
+    own["total"].backward()
+    torch.testing.assert_close(g_shared, D.proj.grad)

@@ -377,6 +377,11 @@ class Trainer:
         with self._autocast():
             sr = self.g_train(lq)
         loss = F.l1_loss(sr.float(), gt)
+        self._update_g(loss)
+        return {"l_pix": loss.detach()}
+
+    def _update_g(self, loss: torch.Tensor) -> None:
+        """Backward of the generator's loss, then its optimizer, scheduler and EMA steps."""
         self.scaler_g.scale(loss).backward()
         self.scaler_g.unscale_(self.opt_g)
         self._clip(self.net_g.parameters())
@@ -384,7 +389,6 @@ class Trainer:
         self.scaler_g.update()
         self.sched_g.step()
         self.ema.update(self.net_g)
-        return {"l_pix": loss.detach()}
 
     def _step_gan(self, lq, gt) -> dict:
         from ..losses import discriminator_loss, generator_adversarial_loss
@@ -395,21 +399,19 @@ class Trainer:
         self.opt_g.zero_grad(set_to_none=True)
         with self._autocast():
             sr = self.g_train(lq)
+            # The real pass runs once per step, with gradient: L_gen reads its logits and routing
+            # (detached), and the discriminator step below backpropagates through it. D's
+            # parameters do not change in between, so this equals running it twice.
+            real = self.net_d(gt, return_aux=True)
             l_pix = F.l1_loss(sr.float(), gt)
             l_g = tr["pixel_opt"]["loss_weight"] * l_pix
             if self.perceptual is not None:
                 l_per = self.perceptual(sr.float(), gt)
                 l_g = l_g + tr["perceptual_opt"]["loss_weight"] * l_per
                 logs["l_per"] = l_per.detach()
-            l_gen = generator_adversarial_loss(self.net_d, gt, sr, tr["gan_opt"]["gan_type"])
+            l_gen = generator_adversarial_loss(self.net_d, gt, sr, tr["gan_opt"]["gan_type"], real=real)
             l_g = l_g + tr["gan_opt"]["loss_weight"] * l_gen
-        self.scaler_g.scale(l_g).backward()
-        self.scaler_g.unscale_(self.opt_g)
-        self._clip(self.net_g.parameters())
-        self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
-        self.sched_g.step()
-        self.ema.update(self.net_g)
+        self._update_g(l_g)
         logs.update(l_pix=l_pix.detach(), l_gen=l_gen.detach(), l_g_total=l_g.detach())
         # Discriminator.
         do = tr["d_opt"]
@@ -417,7 +419,8 @@ class Trainer:
                    "adv": do["lambda_dis"]}
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast():
-            d = discriminator_loss(self.net_d, gt, sr.detach(), weights, do["balance"], tr["gan_opt"]["gan_type"])
+            d = discriminator_loss(self.net_d, gt, sr.detach(), weights, do["balance"], tr["gan_opt"]["gan_type"],
+                                   real=real)
         self.scaler_d.scale(d["total"]).backward()
         _allreduce_grads(list(self.net_d.parameters()), self.world)
         self.scaler_d.unscale_(self.opt_d)

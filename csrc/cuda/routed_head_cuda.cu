@@ -421,7 +421,6 @@ std::vector<Tensor> routed_head_bwd_cuda(const Tensor& glogits, const Tensor& gm
   // The kernel picks its own precisions: an enclosing autocast region must not recast its GEMMs.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_routed_head_bwd_args(glogits, gmean, gvar, x, count, mean, perm, offsets, proj.size(0));
-  check_routing_metadata(perm, offsets, count, x.size(0), proj.size(0));
   TORCH_CHECK(x.scalar_type() != at::kDouble,
               "x: the cuda backend takes fp16/bf16/fp32; use backend='torch' for fp64");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -430,8 +429,8 @@ std::vector<Tensor> routed_head_bwd_cuda(const Tensor& glogits, const Tensor& gm
   const Tensor O = proj.to(f32), W1 = w1.to(f32), B1 = b1.to(f32), W2 = w2.to(f32);
   const Tensor GL = glogits.to(f32), GM = gmean.to(f32), GV = gvar.to(f32).cpu();
   const Tensor off_cpu = offsets.cpu();
+  check_routing_metadata(perm, off_cpu, count, m, n_exp);  // on the host copy: no second transfer
   const int64_t* off = off_cpu.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[n_exp] == m, "offsets: must run from 0 to M = ", m);
   const Tensor xs = x.index_select(0, perm).to(f32);
   const Tensor gs = gate.index_select(0, perm).to(f32);
   Tensor wc = xs * gs.unsqueeze(1);
