@@ -45,8 +45,8 @@ def main() -> None:
         fwd, bwd = backend_ops(name)
 
         def run():
-            _, count, mean, _, perm, offsets = fwd(x, expert, gate, proj, w1, b1, w2, b2)
-            bwd(gl, gm, gv, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets)
+            _, count, mean, _, perm, offsets, aux = fwd(x, expert, gate, proj, w1, b1, w2, b2)
+            bwd(gl, gm, gv, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, aux)
 
         return run
 

@@ -254,11 +254,12 @@ def test_bad_input_public_api():
 def test_bad_backward_args_name_argument():
     args = _raw_args()
     x, expert, gate, proj, w1, b1, w2, b2 = args
-    _, count, mean, _, perm, offsets = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
-    good = [torch.randn(10), torch.randn(3, 8), torch.randn(3), *args, count, mean, perm, offsets]
+    _, count, mean, _, perm, offsets, scatter = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+    good = [torch.randn(10), torch.randn(3, 8), torch.randn(3), *args, count, mean, perm, offsets, scatter]
     torch.ops.calgan_fast_C.routed_head_bwd_cpu(*good)
     for index, bad, match in ((0, torch.randn(9), "glogits"), (1, torch.randn(3, 7), "gmean"),
-                              (2, torch.randn(4), "gvar"), (14, torch.zeros(3, dtype=torch.long), "offsets")):
+                              (2, torch.randn(4), "gvar"), (14, torch.zeros(3, dtype=torch.long), "offsets"),
+                              (15, torch.zeros(3, 8, 7), "scatter")):
         args_bad = list(good)
         args_bad[index] = bad
         with pytest.raises(RuntimeError, match=match):
@@ -268,11 +269,11 @@ def test_bad_backward_args_name_argument():
 def test_bad_routing_metadata_in_backward_raises():
     # Direct calls with inconsistent metadata must raise, not write out of bounds.
     args = _raw_args()
-    _, count, mean, _, perm, offsets = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+    _, count, mean, _, perm, offsets, scatter = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
     grads = [torch.randn(10), torch.randn(3, 8), torch.randn(3)]
 
     def call(count=count, perm=perm, offsets=offsets):
-        return torch.ops.calgan_fast_C.routed_head_bwd_cpu(*grads, *args, count, mean, perm, offsets)
+        return torch.ops.calgan_fast_C.routed_head_bwd_cpu(*grads, *args, count, mean, perm, offsets, scatter)
 
     call()
     bad_perm = perm.clone()
@@ -296,10 +297,10 @@ def test_opcheck():
         inputs = make_inputs(50, 12, 4, 3, dtype=dtype, expert=_expert("empty_and_single", 50, 4),
                              requires_grad=True)
         torch.library.opcheck(fwd, tuple(inputs))
-        _, count, mean, _, perm, offsets = fwd(*inputs)
+        _, count, mean, _, perm, offsets, aux = fwd(*inputs)
         sd = mean.dtype
         grads = (torch.randn(50, dtype=dtype), torch.randn(4, 12, dtype=sd), torch.randn(4, dtype=sd))
-        bwd_args = tuple(t.detach() for t in (*grads, *inputs, count, mean, perm, offsets))
+        bwd_args = tuple(t.detach() for t in (*grads, *inputs, count, mean, perm, offsets, aux))
         torch.library.opcheck(bwd, bwd_args)
 
 

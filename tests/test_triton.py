@@ -256,11 +256,11 @@ def test_opcheck(interp):
     x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(30, 8, 3, seed=2, requires_grad=True)
     torch.library.opcheck(fwd, (x, expert, gate, proj, w1, b1, w2, b2))
     with torch.no_grad():
-        _, count, mean, _, perm, offsets = fwd(x, expert, gate, proj, w1, b1, w2, b2)
+        _, count, mean, _, perm, offsets, aux = fwd(x, expert, gate, proj, w1, b1, w2, b2)
     gl, gm, gv = torch.randn(30), torch.randn(3, 8), torch.randn(3)
     torch.library.opcheck(bwd, (gl, gm, gv, x.detach(), expert, gate.detach(), proj.detach(),
                                 w1.detach(), b1.detach(), w2.detach(), b2.detach(), count, mean,
-                                perm, offsets))
+                                perm, offsets, aux))
 
 
 def test_double_backward_fails_loudly(interp):

@@ -35,20 +35,26 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu"):
 
     Returns:
         ``(logits (M,) x.dtype, count (N,) int64, mean (N, c), var (N,), perm (M,) int64,
-        offsets (N+1,) int64)``; mean/var fp32 (fp64 for fp64 x).
+        offsets (N+1,) int64, aux)``; mean/var fp32 (fp64 for fp64 x). ``aux`` is what the
+        backward reuses: for ``cpu`` the ``(N, c, c)`` scatter matrices of each expert's gated rows
+        (see ``csrc/cpu/routed_head_cpu.cpp``), for ``cuda`` nothing (empty).
     """
     fwd, _ = _ops(backend)
-    return fwd(x, expert.long(), gate, proj, w1, b1, w2, b2)
+    out = fwd(x, expert.long(), gate, proj, w1, b1, w2, b2)
+    if backend == "cuda":
+        out = (*out, out[2].new_empty(0))
+    return tuple(out)
 
 
 def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets,
-             backend="cpu"):
+             aux, backend="cpu"):
     """Fused backward: ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the dtypes of the inputs.
 
     ``glogits (M,)``, ``gmean (N, c)``, ``gvar (N,)`` are the upstream gradients; ``count``,
-    ``mean``, ``perm``, ``offsets`` are the forward's outputs. Nothing of the forward is saved: the
-    hidden activations are recomputed from x, and the gradients of ``y`` are formed algebraically
-    from x, the gate and the expert means (see ``csrc/cpu/routed_head_cpu.cpp``).
+    ``mean``, ``perm``, ``offsets`` and ``aux`` are the forward's outputs. No activation is saved:
+    the hidden activations are recomputed from x, and the gradients of ``y`` are formed
+    algebraically from x, the gate and per-expert statistics (see ``csrc/cpu/routed_head_cpu.cpp``).
     """
     _, bwd = _ops(backend)
-    return bwd(glogits, gmean, gvar, x, expert.long(), gate, proj, w1, b1, w2, b2, count, mean, perm, offsets)
+    args = (glogits, gmean, gvar, x, expert.long(), gate, proj, w1, b1, w2, b2, count, mean, perm, offsets)
+    return bwd(*args, aux) if backend == "cpu" else bwd(*args)

@@ -3,10 +3,12 @@
 Every fast backend is exposed as two custom ops with one schema,
 ``calgan_fast::routed_head_fwd_<backend>`` and ``calgan_fast::routed_head_bwd_<backend>``, with
 fake (meta) implementations so that ``torch.library.opcheck`` passes and ``torch.compile`` can
-trace models that use them. Autograd saves the inputs, the routing metadata and the expert means,
-and calls the backward op, which recomputes what it needs of the forward (``y`` and ``z`` in the
-``torch`` and ``triton`` backends; ``z`` and an algebraic form of ``y`` in ``cpu``/``cuda``). The backward op itself has no
-autograd formula: a double backward (an R1 penalty through D) raises instead of being wrong.
+trace models that use them. Autograd saves the inputs, the routing metadata, the expert means and
+the backend's ``aux`` per-expert statistics (the ``(N, c, c)`` scatter matrices of the gated rows
+for ``cpu``, nothing for the others), and calls the backward op, which recomputes what it needs of
+the forward (``y`` and ``z`` in the ``torch`` and ``triton`` backends; ``z`` and an algebraic form
+of ``y`` in ``cpu``/``cuda``). The backward op itself has no autograd formula: a double backward
+(an R1 penalty through D) raises instead of being wrong.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _make_ops(name: str):
     def fwd(
         x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor,
         w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with _no_autocast(x.device):
             return tuple(BACKENDS[name].impl().forward(x, expert, gate, proj, w1, b1, w2, b2, backend=name))
 
@@ -65,23 +67,24 @@ def _make_ops(name: str):
             x.new_empty(n, dtype=sd),
             x.new_empty(m, dtype=torch.long),
             x.new_empty(n + 1, dtype=torch.long),
+            x.new_empty(BACKENDS[name].aux_shape(c, n), dtype=sd),
         )
 
     @torch.library.custom_op(bwd_name, mutates_args=())
     def bwd(
         glogits: Tensor, gmean: Tensor, gvar: Tensor, x: Tensor, expert: Tensor, gate: Tensor,
         proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, count: Tensor,
-        mean: Tensor, perm: Tensor, offsets: Tensor,
+        mean: Tensor, perm: Tensor, offsets: Tensor, aux: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with _no_autocast(x.device):
             return tuple(BACKENDS[name].impl().backward(
                 glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm,
-                offsets, backend=name,
+                offsets, aux, backend=name,
             ))
 
     @bwd.register_fake
     def _bwd_fake(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean,
-                  perm, offsets):
+                  perm, offsets, aux):
         return (
             x.new_empty(x.shape), gate.new_empty(gate.shape), proj.new_empty(proj.shape),
             w1.new_empty(w1.shape), b1.new_empty(b1.shape), w2.new_empty(w2.shape),
@@ -90,11 +93,11 @@ def _make_ops(name: str):
 
     def setup_context(ctx, inputs, output):
         x, expert, gate, proj, w1, b1, w2, b2 = inputs
-        _, count, mean, _, perm, offsets = output
-        ctx.save_for_backward(x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets)
+        _, count, mean, _, perm, offsets, aux = output
+        ctx.save_for_backward(x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, aux)
 
-    def backward(ctx, glogits, _gcount, gmean, gvar, _gperm, _goffsets):
-        x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets = ctx.saved_tensors
+    def backward(ctx, glogits, _gcount, gmean, gvar, _gperm, _goffsets, _gaux):
+        x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, aux = ctx.saved_tensors
         if glogits is None:
             glogits = x.new_zeros(x.shape[0])
         if gmean is None:
@@ -103,7 +106,7 @@ def _make_ops(name: str):
             gvar = mean.new_zeros(mean.shape[0])
         dx, dgate, dproj, dw1, db1, dw2, db2 = bwd(
             glogits.contiguous(), gmean.contiguous(), gvar.contiguous(), x, expert, gate, proj,
-            w1, b1, w2, b2, count, mean, perm, offsets,
+            w1, b1, w2, b2, count, mean, perm, offsets, aux,
         )
         return dx, None, dgate, dproj, dw1, db1, dw2, db2
 
@@ -222,5 +225,5 @@ def routed_head(
     dt = x.dtype
     gate, proj, w1, b1, w2, b2 = (t if t.dtype == dt else t.to(dt) for t in (gate, proj, w1, b1, w2, b2))
     fwd, _ = backend_ops(b.name)
-    logits, count, mean, var, _perm, _offsets = fwd(x, expert.long(), gate, proj, w1, b1, w2, b2)
+    logits, count, mean, var = fwd(x, expert.long(), gate, proj, w1, b1, w2, b2)[:4]
     return RoutedHeadOutput(logits, count, mean, var)

@@ -19,7 +19,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="torch"):
-    """Returns ``(logits (M,) x.dtype, count (N,), mean (N, c), var (N,), perm (M,), offsets (N+1,))``."""
+    """Returns ``(logits (M,) x.dtype, count (N,), mean (N, c), var (N,), perm (M,), offsets (N+1,),
+    aux (0,))``: the backward keeps nothing else of the forward, so ``aux`` is empty."""
     m, c = x.shape
     n_exp = proj.shape[0]
     acc = _acc_dtype(x.dtype)
@@ -41,11 +42,11 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="torch"):
         mean[e] = mu
         var[e] = v.mean()
     logits = torch.empty_like(logits_s).index_copy_(0, perm, logits_s)
-    return logits.to(x.dtype), count, mean, var, perm, offsets
+    return logits.to(x.dtype), count, mean, var, perm, offsets, mean.new_empty(0)
 
 
 def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets,
-             backend="torch"):
+             aux=None, backend="torch"):
     """Gradients ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the dtypes of the inputs."""
     m, c = x.shape
     n_exp = proj.shape[0]

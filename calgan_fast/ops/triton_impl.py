@@ -49,7 +49,8 @@ def _device_ctx(t: torch.Tensor):
 
 def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="triton"):
     """Fused forward. Returns ``(logits (M,) x.dtype, count (N,) int64, mean (N, c), var (N,),
-    perm (M,) int64, offsets (N+1,) int64)``; statistics fp32 (fp64 for fp64 inputs)."""
+    perm (M,) int64, offsets (N+1,) int64, aux (0,))``; statistics fp32 (fp64 for fp64 inputs).
+    The backward keeps nothing else of the forward: ``aux`` is empty."""
     del backend
     k = _kernels()
     dt = x.dtype
@@ -60,13 +61,13 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="triton"):
     expert = expert.to(torch.int64).contiguous()
     with _device_ctx(x):
         logits, count, mean, var, perm, offsets = k.routed_head_fwd(x, expert, gate, proj, w1, b1, w2, b2)
-    return logits.to(dt), count, mean, var, perm, offsets
+    return logits.to(dt), count, mean, var, perm, offsets, mean.new_empty(0)
 
 
 def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets,
-             backend="triton"):
+             aux, backend="triton"):
     """Fused backward. Returns ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the inputs' dtypes."""
-    del backend, expert, count
+    del backend, expert, count, aux
     k = _kernels()
     dtypes = [t.dtype for t in (x, gate, proj, w1, b1, w2, b2)]
     cd = _compute_dtype(k, x.dtype)

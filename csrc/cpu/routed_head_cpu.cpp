@@ -4,31 +4,35 @@
 //   x (M, c) fp32/bf16/fp16/fp64, any strides;  expert (M,) int64;  gate (M,) x.dtype;
 //   proj O (N, c, c);  w1 (N, H, c);  b1 (N, H);  w2 (N, H);  b2 (N,)   all x.dtype.
 //   forward  -> logits (M,) x.dtype, count (N,) int64, mean (N, c) acc, var (N,) acc,
-//               perm (M,) int64, offsets (N+1,) int64.
+//               perm (M,) int64, offsets (N+1,) int64, scatter (N, c, c) acc.
 //   backward -> dx, dgate, dproj, dw1, db1, dw2, db2 in the dtypes of the inputs.
 //
-// Algorithm. A stable counting sort groups the rows by expert (perm, offsets). The rows are
-// gathered once into a contiguous acc buffer (which also makes strided x and bf16 cheap), and
-// every GEMM runs on one expert's contiguous block through ATen (MKL/oneDNN, faster than anything
-// hand-written here). With enough experts of balanced size one parallel region (at::parallel_for,
-// OpenMP) hands whole experts to threads and their GEMMs run single-threaded; otherwise experts run
-// in order and ATen threads each GEMM. The cheap per-row and per-tile work around the GEMMs runs
-// over fixed tiles of kTileRows rows, each writing only its own outputs; every reduction is then
-// summed per expert in a fixed order, so results are bitwise reproducible for a fixed thread count.
+// Algorithm. A stable counting sort groups the rows by expert (perm, offsets). Each expert is then
+// one task: its rows are gathered, gate-scaled, into a contiguous acc block of a per-worker scratch
+// buffer (which also makes strided x and bf16 cheap and keeps the block in cache for every step
+// that follows), and every GEMM runs on that block through ATen (MKL/oneDNN). With enough experts
+// to balance, the experts are dealt to the threads (largest first, each to the least loaded) and
+// run single-threaded, one parallel region per call; otherwise they run in order and ATen threads
+// each GEMM and row loop. Row loops run over fixed tiles of kTileRows rows and every reduction is
+// summed per tile in a fixed order, so results are bitwise reproducible for a fixed thread count.
 //
-// Forward, per expert e (rows w_p = g_p x_p):  Y = W O^T (one GEMM), H = Y W1^T + b1; then per
-// tile: logits (classifier_logit), tile mean and M2 of Y; the tiles merge by Chan's formula.
-//
-// Backward, without recomputing Y. With x̄ = mean of the w rows, W_c = W - x̄, A = W1 O,
-// P = O^T O, S = W_c^T W_c, a = gmean/n, k = 2 gvar/(n c) and dh the classifier gradient:
-//   h       = W_c A^T + (A x̄ + b1)                      (hdim-wide, cheap)
-//   q_p     = O^T dy_p = A^T dh_p + O^T a + k P (w_p - x̄)
-//   dx_p    = g_p q_p,   dgate_p = q_p . x_p
-//   dW1     = (dh^T W) O^T,   dproj = W1^T (dh^T W) + n a x̄^T + k O S
-// so the backward costs one (n, c) x (c, c) GEMM for q plus the Gram matrix S (three quarters of
-// a GEMM, by symmetry) and two c^3 products, instead of the three GEMMs of the textbook chain
-// (recompute Y, dproj, dx). Experts with n < 1.6 c rows, where the c^3 terms dominate, take the
-// textbook route for the k terms. Terms with k = 0 (no gradient into var) are skipped.
+// The head is linear up to the classifier's LeakyReLU, and that is what the kernel exploits. With
+// the gated rows W (w_p = g_p x_p) of an expert of n rows, their mean x̄, W_c = W - x̄,
+// A = W1 O (hdim x c), P = O^T O and the scatter matrix S = W_c^T W_c:
+//   h     = W A^T + b1                       hdim-wide: y = O w is never formed
+//   mean  = O x̄,   var = <P, S> / (n c)      (sum_p |y_p - mean|^2 = trace(O S O^T))
+// and in the backward, with a = gmean / n, k = 2 gvar / (n c) and dh the classifier gradient:
+//   q_p   = O^T dy_p = A^T dh_p + O^T a + k P (w_p - x̄),   dx_p = g_p q_p,   dgate_p = q_p . x_p
+//   D     = dh^T W,   dW1 = D O^T,   dproj = W1^T D + n a x̄^T + k O S.
+// S is a per-expert statistic of the gated input: the forward computes it once (three quarters of
+// a GEMM or less, by symmetry) and hands it to the backward as the `scatter` output, so one
+// forward+backward costs about 2.8 (M, c) x (c, c) GEMMs (forward: S, the hdim-wide h and two c^3
+// products per expert; backward: the dx GEMM, the hdim-wide products and two c^3 products)
+// instead of the 4.5 of the textbook chain. Experts with few rows (n < 4c/3), where the c^3 terms
+// would dominate, take the textbook route instead: the forward forms Y = W O^T and its statistics
+// by Chan's merge of tile statistics, and the backward the k terms through Y_c = W_c O^T.
+// The classifier reads W uncentred, so a NaN in a row of x stays in that row's logit (and its
+// expert's statistics), as the reference's does.
 
 #include "routed_head_cpu.h"
 
@@ -39,6 +43,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "routed_head_checks.h"
@@ -60,80 +65,256 @@ struct AccOf<double> {
   using type = double;
 };
 
-// Fixed tiles over the sorted rows: tile t covers rows [lo[t], lo[t] + n[t]) of expert e[t];
-// tiles of expert i are first[i] .. first[i+1]-1. Depends only on the routing.
-struct Tiles {
-  std::vector<int64_t> lo, n, e, first;
+// Whether an expert of n rows takes the scatter-matrix route (else the textbook one). Counted in
+// multiply-adds: scatter 1.5 n c^2 (S by blocks, W_c P) + 3 c^3 (P twice, O S) against 4 n c^2.
+inline bool use_scatter(int64_t n, int64_t c) { return 3 * n >= 4 * c; }
+
+int64_t n_tiles_of(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
+
+// Which experts each worker runs. parallel: one worker per thread, each running its experts
+// single-threaded; else one worker running every expert in order with threaded GEMMs and loops.
+struct Schedule {
+  bool parallel = false;
+  std::vector<std::vector<int64_t>> work;  // work[w]: experts of worker w, in order
+  int64_t max_rows = 0;
 };
 
-Tiles make_tiles(const int64_t* off, int64_t n_exp) {
-  Tiles t;
-  t.first.resize(n_exp + 1);
-  for (int64_t i = 0; i < n_exp; ++i) {
-    t.first[i] = static_cast<int64_t>(t.lo.size());
-    for (int64_t r = off[i]; r < off[i + 1]; r += kTileRows) {
-      t.lo.push_back(r);
-      t.n.push_back(std::min(kTileRows, off[i + 1] - r));
-      t.e.push_back(i);
+Schedule make_schedule(const int64_t* off, int64_t n_exp) {
+  Schedule s;
+  const int64_t threads = at::get_num_threads();
+  const int64_t total = off[n_exp];
+  std::vector<int64_t> order(n_exp);
+  std::iota(order.begin(), order.end(), 0);
+  for (int64_t e = 0; e < n_exp; ++e) s.max_rows = std::max(s.max_rows, off[e + 1] - off[e]);
+  if (threads > 1 && n_exp >= 2 * threads && !at::in_parallel_region()) {
+    // Largest expert first, each to the least loaded worker (ties: lowest index). Deterministic.
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return off[a + 1] - off[a] > off[b + 1] - off[b]; });
+    std::vector<std::vector<int64_t>> work(threads);
+    std::vector<int64_t> load(threads, 0);
+    for (int64_t e : order) {
+      const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
+      work[w].push_back(e);
+      load[w] += off[e + 1] - off[e];
+    }
+    // Parallel experts pay off when the busiest worker carries at most 1.25x an even share.
+    const int64_t busiest = *std::max_element(load.begin(), load.end());
+    if (4 * busiest * threads <= 5 * total) {
+      s.parallel = true;
+      s.work = std::move(work);
+      return s;
     }
   }
-  t.first[n_exp] = static_cast<int64_t>(t.lo.size());
-  return t;
+  s.work.assign(1, std::vector<int64_t>(order.begin(), order.end()));
+  std::sort(s.work[0].begin(), s.work[0].end());
+  return s;
 }
 
-// Items per parallel chunk so that a chunk holds at least kGrainElems elements of work (ATen's
-// own grain): small problems run inline instead of paying for a parallel region (and, on a loaded
-// machine, for waiting on a descheduled thread).
-constexpr int64_t kGrainElems = 32768;
-int64_t grain(int64_t work_per_item) {
-  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, work_per_item));
+// Runs f(e, w) for every expert e on worker w (see Schedule).
+template <typename F>
+void run_experts(const Schedule& s, const F& f) {
+  if (!s.parallel) {
+    for (int64_t e : s.work[0]) f(e, 0);
+    return;
+  }
+  const int64_t workers = static_cast<int64_t>(s.work.size());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    // Worker threads do not inherit the caller's dispatch state: keep autograd out of the ATen
+    // calls of the raw kernel, as the custom op's caller does on its own thread.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t e : s.work[w]) f(e, w);
+  });
 }
 
-// out[r, :] = gate[perm[r]] * x[perm[r], :] in acc_t; x with contiguous rows.
-template <typename scalar_t, typename acc_t>
-void gather_rows_gated(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, acc_t* out, int64_t m) {
-  at::parallel_for(0, m, grain(c), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t p = perm[r];
-      const acc_t g = gate[p];
-      const scalar_t* src = xp + p * c;
-      acc_t* dst = out + r * c;
-      for (int64_t j = 0; j < c; ++j) dst[j] = g * static_cast<acc_t>(src[j]);
+// Runs f(t, r0, r1) for the row tiles of an n-row block, in parallel unless already inside a
+// parallel region (then inline, in order).
+template <typename F>
+void for_each_tile(int64_t n, const F& f) {
+  at::parallel_for(0, n_tiles_of(n), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * kTileRows;
+      f(t, r0, std::min(n, r0 + kTileRows));
     }
   });
 }
 
-// Runs f(e) for every expert. With enough experts of balanced size, one parallel region hands
-// whole experts to threads and every GEMM of an expert runs single-threaded inside it (ATen and MKL
-// do not nest): one fork/join per call instead of one per GEMM, which matters on a loaded machine.
-// Otherwise the experts run in order with ATen's own GEMM threading. Either way each expert's
-// results come from a fixed sequence of operations, so they are reproducible for a fixed thread count.
-template <typename F>
-void for_each_expert(int64_t n_exp, const int64_t* off, const F& f) {
-  const int64_t threads = at::get_num_threads();
-  int64_t max_n = 0;
-  for (int64_t e = 0; e < n_exp; ++e) max_n = std::max(max_n, off[e + 1] - off[e]);
-  if (threads > 1 && n_exp >= 2 * threads && 4 * max_n * threads <= 3 * off[n_exp]) {
-    at::parallel_for(0, n_exp, 1, [&](int64_t begin, int64_t end) {
-      // Worker threads do not inherit the caller's dispatch state: keep autograd out of the ATen
-      // calls of the raw kernel, as the custom op's caller does on its own thread.
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t e = begin; e < end; ++e) f(e);
-    });
-  } else {
-    for (int64_t e = 0; e < n_exp; ++e) f(e);
+// The row loops below are memory-bound passes over one tile; they are compiled for AVX-512 and AVX2
+// as well as the baseline ISA, and the loader picks the widest the CPU has (the build itself uses
+// no -march flag, so that one binary runs on every x86-64 machine).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CALGAN_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CALGAN_CPU_CLONES
+#endif
+
+// Rows ahead of the current one whose x row the gather asks the cache for: the rows of an expert
+// lie scattered over x, which the hardware prefetcher cannot guess.
+constexpr int64_t kPrefetchRows = 4;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t c) {
+  const int64_t per_line = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(scalar_t)));
+  for (int64_t j = 0; j < c; j += per_line) __builtin_prefetch(row + j);
+}
+
+// Rows r0..r1 of one expert: w[r, :] = gate[perm[r]] * x[perm[r], :] in acc_t; s (c values) = their
+// column sums.
+template <typename scalar_t, typename acc_t>
+CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate,
+                                   int64_t r0, int64_t r1, acc_t* w, acc_t* s) {
+  for (int64_t j = 0; j < c; ++j) s[j] = acc_t(0);
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r + kPrefetchRows < r1) prefetch_row(xp + perm[r + kPrefetchRows] * c, c);
+    const int64_t p = perm[r];
+    const acc_t g = gate[p];
+    const scalar_t* src = xp + p * c;
+    acc_t* dst = w + r * c;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) {
+      dst[j] = g * static_cast<acc_t>(src[j]);
+      s[j] += dst[j];
+    }
   }
 }
 
-// Symmetric W^T W of an (n, c) block, computing three of its four quadrants.
-Tensor gram(const Tensor& w) {
-  const int64_t c = w.size(1);
-  if (c < 128) return at::mm(w.t(), w);
-  const int64_t c1 = c / 2;
-  const Tensor lo = w.narrow(1, 0, c1), hi = w.narrow(1, c1, c - c1);
-  const Tensor s11 = at::mm(lo.t(), lo), s12 = at::mm(lo.t(), hi), s22 = at::mm(hi.t(), hi);
-  return at::cat({at::cat({s11, s12}, 1), at::cat({s12.t(), s22}, 1)}, 0);
+// Gathers the n gated rows of one expert into w (n, c) and returns their mean in xbar (c values):
+// column sums per tile, added in double in tile order, so independent of the thread count.
+template <typename scalar_t, typename acc_t>
+void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, int64_t n, acc_t* w,
+                   acc_t* xbar) {
+  const int64_t nt = n_tiles_of(n);
+  std::vector<acc_t> ts(static_cast<size_t>(nt * c));
+  for_each_tile(n, [&](int64_t t, int64_t r0, int64_t r1) {
+    gather_tile<scalar_t, acc_t>(xp, c, perm, gate, r0, r1, w, ts.data() + t * c);
+  });
+  for (int64_t j = 0; j < c; ++j) {
+    double s = 0.0;
+    for (int64_t t = 0; t < nt; ++t) s += static_cast<double>(ts[t * c + j]);
+    xbar[j] = static_cast<acc_t>(s / static_cast<double>(n));
+  }
 }
+
+template <typename acc_t>
+CALGAN_CPU_CLONES void centre_tile(acc_t* w, int64_t r0, int64_t r1, int64_t c, const acc_t* xbar) {
+  for (int64_t r = r0; r < r1; ++r) {
+    acc_t* row = w + r * c;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j) row[j] -= xbar[j];
+  }
+}
+
+template <typename acc_t>
+void centre_rows(acc_t* w, int64_t n, int64_t c, const acc_t* xbar) {
+  for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) { centre_tile(w, r0, r1, c, xbar); });
+}
+
+// Logits of rows r0..r1 from their hidden pre-activations, scattered to pixel order: the sum of
+// classifier_logit taken over eight running partial sums (a fixed order), so that it vectorises.
+template <typename acc_t>
+CALGAN_CPU_CLONES void logits_tile(const acc_t* h, int64_t hdim, const acc_t* w2, acc_t b2, const int64_t* perm,
+                                   int64_t r0, int64_t r1, acc_t* logits) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t* hr = h + r * hdim;
+    acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 8 <= hdim; j += 8)
+      for (int l = 0; l < 8; ++l) part[l] += w2[j + l] * lrelu(hr[j + l]);
+    for (; j < hdim; ++j) part[0] += w2[j] * lrelu(hr[j]);
+    logits[perm[r]] = b2 + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
+  }
+}
+
+// The input gradients of rows r0..r1 of one expert, scattered to pixel order: with
+// q_r + ota = O^T dy_r, dx = g (q_r + ota) and dgate = (q_r + ota) . x. The dot product reads x
+// back from the expert's centred block (x = (w_c + x̄) / g), not from scattered rows of x; rows with
+// g = 0 read x itself.
+template <typename scalar_t, typename acc_t>
+CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, const acc_t* ota, const acc_t* wc, const acc_t* xbar,
+                                       const scalar_t* xp, const int64_t* perm, const acc_t* gate, int64_t c,
+                                       int64_t r0, int64_t r1, scalar_t* dx, acc_t* dgate) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t p = perm[r];
+    const acc_t g = gate[p];
+    const acc_t* qr = q + r * c;
+    const acc_t* wr = wc + r * c;
+    scalar_t* dst = dx + p * c;
+    // Eight running partial sums (a fixed order) let the compiler vectorise the dot product.
+    acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t j = 0;
+    if (g != acc_t(0)) {
+      for (; j + 8 <= c; j += 8) {
+        for (int l = 0; l < 8; ++l) {
+          const acc_t v = qr[j + l] + ota[j + l];
+          dst[j + l] = static_cast<scalar_t>(g * v);
+          part[l] += v * (wr[j + l] + xbar[j + l]);
+        }
+      }
+      for (; j < c; ++j) {
+        const acc_t v = qr[j] + ota[j];
+        dst[j] = static_cast<scalar_t>(g * v);
+        part[0] += v * (wr[j] + xbar[j]);
+      }
+      dgate[p] = (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) / g;
+    } else {
+      const scalar_t* xr = xp + p * c;
+      for (; j < c; ++j) {
+        const acc_t v = qr[j] + ota[j];
+        dst[j] = static_cast<scalar_t>(acc_t(0));
+        part[j % 8] += v * static_cast<acc_t>(xr[j]);
+      }
+      dgate[p] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    }
+  }
+}
+
+// S = W^T W of an (n, c) block into out (c, c): by blocks of kBlock columns, each product above
+// the diagonal computed once and mirrored (a symmetric rank-n update, which ATen does not offer).
+constexpr int64_t kGramBlock = 64;
+void scatter_matrix(const Tensor& w, Tensor out) {
+  const int64_t c = w.size(1);
+  if (c < 2 * kGramBlock) {
+    at::mm_out(out, w.t(), w);
+    return;
+  }
+  const int64_t nb = (c + kGramBlock - 1) / kGramBlock;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t i0 = i * kGramBlock, ci = std::min(kGramBlock, c - i0);
+    const Tensor wi = w.narrow(1, i0, ci);
+    for (int64_t j = i; j < nb; ++j) {
+      const int64_t j0 = j * kGramBlock, cj = std::min(kGramBlock, c - j0);
+      const Tensor blk = at::mm(wi.t(), w.narrow(1, j0, cj));
+      out.narrow(0, i0, ci).narrow(1, j0, cj).copy_(blk);
+      if (j != i) out.narrow(0, j0, cj).narrow(1, i0, ci).copy_(blk.t());
+    }
+  }
+}
+
+// <P, S> of two (c, c) matrices, summed in double in a fixed order.
+template <typename acc_t>
+acc_t frobenius_dot(const Tensor& p, const Tensor& s) {
+  const acc_t* a = p.data_ptr<acc_t>();
+  const acc_t* b = s.data_ptr<acc_t>();
+  const int64_t len = p.numel();
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int l = 0; l < 8; ++l) part[l] += static_cast<double>(a[i + l]) * static_cast<double>(b[i + l]);
+  for (; i < len; ++i) part[0] += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return static_cast<acc_t>(((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
+}
+
+// Per-worker scratch: one expert's gated rows (w), a second (n, c) block (q), and its hidden rows.
+struct Scratch {
+  std::vector<Tensor> w, q, h;
+  Scratch(int64_t workers, int64_t rows, int64_t c, int64_t hdim, const at::TensorOptions& opts, bool need_q) {
+    for (int64_t i = 0; i < workers; ++i) {
+      w.push_back(at::empty({rows, c}, opts));
+      q.push_back(need_q ? at::empty({rows, c}, opts) : Tensor());
+      h.push_back(at::empty({rows, hdim}, opts));
+    }
+  }
+};
 
 // Rows of x as a contiguous (M, c) tensor in x's dtype (a transposed NCHW view gets one copy).
 Tensor rows_contiguous(const Tensor& x) { return x.stride(1) == 1 && x.stride(0) == x.size(1) ? x : x.contiguous(); }
@@ -151,44 +332,69 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
   const Tensor xc = rows_contiguous(x);
   const int64_t* perm_p = perm.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
+  const scalar_t* xp = xc.data_ptr<scalar_t>();
+  const acc_t* gp = G.data_ptr<acc_t>();
 
-  Tensor ws = at::empty({m, c}, opts);
-  gather_rows_gated<scalar_t, acc_t>(xc.data_ptr<scalar_t>(), c, perm_p, G.data_ptr<acc_t>(), ws.data_ptr<acc_t>(), m);
-  Tensor y = at::empty({m, c}, opts);
-  Tensor hid = at::empty({m, hdim}, opts);
-  for_each_expert(n_exp, off, [&](int64_t e) {
-    const int64_t lo = off[e], n = off[e + 1] - lo;
-    if (n == 0) return;
-    Tensor ye = y.narrow(0, lo, n);
-    at::mm_out(ye, ws.narrow(0, lo, n), O[e].t());
-    Tensor he = hid.narrow(0, lo, n);
-    at::addmm_out(he, B1[e], ye, W1[e].t());
-  });
-
-  const Tiles tiles = make_tiles(off, n_exp);
-  const int64_t n_tiles = static_cast<int64_t>(tiles.lo.size());
-  std::vector<acc_t> t_mean(static_cast<size_t>(n_tiles * c)), t_m2(n_tiles);
   // Scatter targets start as NaN: a row that no tile writes shows up in every test.
   Tensor logits_acc = at::full({m}, std::numeric_limits<acc_t>::quiet_NaN(), opts);
-  acc_t* lg = logits_acc.data_ptr<acc_t>();
-  const acc_t *yp = y.data_ptr<acc_t>(), *hp = hid.data_ptr<acc_t>();
+  Tensor mean = at::zeros({n_exp, c}, opts), var = at::zeros({n_exp}, opts);
+  // Only the experts of the scatter route fill their slot; the others are zeroed below.
+  Tensor scatter = at::empty({n_exp, c, c}, opts);
+  acc_t *lg = logits_acc.data_ptr<acc_t>(), *mp = mean.data_ptr<acc_t>(), *vp = var.data_ptr<acc_t>();
   const acc_t *w2p = W2.data_ptr<acc_t>(), *b2p = B2.data_ptr<acc_t>();
-  at::parallel_for(0, n_tiles, grain(c * ((m + n_tiles - 1) / n_tiles)), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t lo = tiles.lo[t], nt = tiles.n[t], e = tiles.e[t];
+
+  const Schedule sched = make_schedule(off, n_exp);
+  bool any_textbook = false;
+  for (int64_t e = 0; e < n_exp; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n > 0 && !use_scatter(n, c)) any_textbook = true;
+    if (n == 0 || !use_scatter(n, c)) scatter[e].zero_();
+  }
+  Scratch scr(static_cast<int64_t>(sched.work.size()), sched.max_rows, c, hdim, opts, any_textbook);
+  run_experts(sched, [&](int64_t e, int64_t wk) {
+    const int64_t lo = off[e], n = off[e + 1] - lo;
+    if (n == 0) return;
+    const int64_t* pe = perm_p + lo;
+    Tensor W = scr.w[wk].narrow(0, 0, n), H = scr.h[wk].narrow(0, 0, n);
+    Tensor xbar = at::empty({c}, opts);
+    acc_t* wp = W.data_ptr<acc_t>();
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, xbar.data_ptr<acc_t>());
+    const Tensor Oe = O[e];
+    // Classifier on the uncentred rows: h = W (W1 O)^T + b1.
+    at::addmm_out(H, B1[e], W, at::mm(W1[e], Oe).t());
+    const acc_t* hp = H.data_ptr<acc_t>();
+    for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) {
+      logits_tile(hp, hdim, w2p + e * hdim, b2p[e], pe, r0, r1, lg);
+    });
+    if (use_scatter(n, c)) {
+      centre_rows(wp, n, c, xbar.data_ptr<acc_t>());
+      Tensor Se = scatter[e];
+      scatter_matrix(W, Se);
+      const Tensor P = at::mm(Oe.t(), Oe);
+      vp[e] = frobenius_dot<acc_t>(P, Se) / (static_cast<acc_t>(n) * static_cast<acc_t>(c));
+      Tensor me = mean[e];
+      at::mv_out(me, Oe, xbar);
+      return;
+    }
+    // Textbook route: Y = W O^T, statistics per tile merged by Chan's formula in tile order.
+    Tensor Y = scr.q[wk].narrow(0, 0, n);
+    at::mm_out(Y, W, Oe.t());
+    const acc_t* yp = Y.data_ptr<acc_t>();
+    const int64_t nt = n_tiles_of(n);
+    std::vector<acc_t> t_mean(static_cast<size_t>(nt * c)), t_m2(nt);
+    for_each_tile(n, [&](int64_t t, int64_t r0, int64_t r1) {
       acc_t* mu = t_mean.data() + t * c;
       std::fill(mu, mu + c, acc_t(0));
-      for (int64_t r = lo; r < lo + nt; ++r) {
+      for (int64_t r = r0; r < r1; ++r) {
         const acc_t* yr = yp + r * c;
 #pragma omp simd
         for (int64_t j = 0; j < c; ++j) mu[j] += yr[j];
-        lg[perm_p[r]] = classifier_logit(hp + r * hdim, w2p + e * hdim, b2p[e], hdim);
       }
-      const acc_t inv = acc_t(1) / static_cast<acc_t>(nt);
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(r1 - r0);
       for (int64_t j = 0; j < c; ++j) mu[j] *= inv;
       // Per-channel sums of squares (vectorisable), added up at the end in channel order.
       std::vector<acc_t> m2v(c, acc_t(0));
-      for (int64_t r = lo; r < lo + nt; ++r) {
+      for (int64_t r = r0; r < r1; ++r) {
         const acc_t* yr = yp + r * c;
 #pragma omp simd
         for (int64_t j = 0; j < c; ++j) {
@@ -199,30 +405,23 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
       acc_t m2 = 0;
       for (int64_t j = 0; j < c; ++j) m2 += m2v[j];
       t_m2[t] = m2;
+    });
+    acc_t n_a = 0, m2 = 0;
+    for (int64_t t = 0; t < nt; ++t) {
+      const acc_t n_b = static_cast<acc_t>(std::min(n, (t + 1) * kTileRows) - t * kTileRows);
+      m2 = chan_merge(n_a, mp + e * c, m2, n_b, t_mean.data() + t * c, t_m2[t], c);
+      n_a += n_b;
     }
+    vp[e] = m2 / (n_a * static_cast<acc_t>(c));
   });
-
-  Tensor mean = at::zeros({n_exp, c}, opts);
-  Tensor var = at::zeros({n_exp}, opts);
-  acc_t *mp = mean.data_ptr<acc_t>(), *vp = var.data_ptr<acc_t>();
-  at::parallel_for(0, n_exp, grain(c * ((n_tiles + n_exp - 1) / n_exp)), [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      acc_t n_a = 0, m2 = 0;
-      for (int64_t t = tiles.first[e]; t < tiles.first[e + 1]; ++t) {
-        const acc_t n_b = static_cast<acc_t>(tiles.n[t]);
-        m2 = chan_merge(n_a, mp + e * c, m2, n_b, t_mean.data() + t * c, t_m2[t], c);
-        n_a += n_b;
-      }
-      vp[e] = n_a > 0 ? m2 / (n_a * static_cast<acc_t>(c)) : acc_t(0);
-    }
-  });
-  return {logits_acc.to(x.scalar_type()), count, mean, var, perm, offsets};
+  return {logits_acc.to(x.scalar_type()), count, mean, var, perm, offsets, scatter};
 }
 
 template <typename scalar_t>
 std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const Tensor& gvar, const Tensor& x,
                               const Tensor& gate, const Tensor& proj, const Tensor& w1, const Tensor& b1,
-                              const Tensor& w2, const Tensor& b2, const Tensor& perm, const Tensor& offsets) {
+                              const Tensor& w2, const Tensor& b2, const Tensor& perm, const Tensor& offsets,
+                              const Tensor& scatter) {
   using acc_t = typename AccOf<scalar_t>::type;
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t m = x.size(0), c = x.size(1), n_exp = proj.size(0), hdim = w1.size(1);
@@ -230,57 +429,13 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   const Tensor O = proj.to(acc).contiguous(), W1 = w1.to(acc).contiguous(), B1 = b1.to(acc).contiguous();
   const Tensor W2 = w2.to(acc).contiguous(), G = gate.to(acc).contiguous();
   const Tensor GL = glogits.to(acc).contiguous(), GM = gmean.to(acc).contiguous(), GV = gvar.to(acc).contiguous();
+  const Tensor S = scatter.to(acc).contiguous();
   const Tensor xc = rows_contiguous(x);
   const Tensor perm_c = perm.contiguous(), off_c = offsets.contiguous();
   const int64_t* perm_p = perm_c.data_ptr<int64_t>();
   const int64_t* off = off_c.data_ptr<int64_t>();  // checked by check_routing_metadata
-
-  // wc: the rows of x in expert order, gate-scaled, then centred per expert. The gather is fused
-  // with per-tile sums in double of the expert means, summed per expert in tile order below, so
-  // the means are exact enough to centre with and independent of the thread count.
-  Tensor wc = at::empty({m, c}, opts);
-  const acc_t* gp = G.data_ptr<acc_t>();
-  acc_t* wcp = wc.data_ptr<acc_t>();
   const scalar_t* xp = xc.data_ptr<scalar_t>();
-  const Tiles tiles = make_tiles(off, n_exp);
-  const int64_t n_tiles = static_cast<int64_t>(tiles.lo.size());
-  std::vector<double> t_sum(static_cast<size_t>(n_tiles * c));
-  at::parallel_for(0, n_tiles, grain(c * ((m + n_tiles - 1) / n_tiles)), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      double* s = t_sum.data() + t * c;
-      std::fill(s, s + c, 0.0);
-      for (int64_t r = tiles.lo[t]; r < tiles.lo[t] + tiles.n[t]; ++r) {
-        const int64_t p = perm_p[r];
-        const acc_t g = gp[p];
-        const scalar_t* src = xp + p * c;
-        acc_t* wr = wcp + r * c;
-#pragma omp simd
-        for (int64_t j = 0; j < c; ++j) {
-          wr[j] = g * static_cast<acc_t>(src[j]);
-          s[j] += static_cast<double>(wr[j]);
-        }
-      }
-    }
-  });
-  Tensor xbar = at::zeros({n_exp, c}, opts);
-  acc_t* xbp = xbar.data_ptr<acc_t>();
-  at::parallel_for(0, n_exp, grain(c * ((n_tiles + n_exp - 1) / n_exp)), [&](int64_t begin, int64_t end) {
-    std::vector<double> s(c);
-    for (int64_t e = begin; e < end; ++e) {
-      const int64_t n = off[e + 1] - off[e];
-      if (n == 0) continue;
-      std::fill(s.begin(), s.end(), 0.0);
-      for (int64_t t = tiles.first[e]; t < tiles.first[e + 1]; ++t) {
-        const double* ts = t_sum.data() + t * c;
-        for (int64_t j = 0; j < c; ++j) s[j] += ts[j];
-      }
-      for (int64_t j = 0; j < c; ++j) xbp[e * c + j] = static_cast<acc_t>(s[j] / static_cast<double>(n));
-    }
-  });
-  for (int64_t e = 0; e < n_exp; ++e) {
-    const int64_t lo = off[e], n = off[e + 1] - lo;
-    if (n > 0) wc.narrow(0, lo, n).sub_(xbar[e]);
-  }
+  const acc_t* gp = G.data_ptr<acc_t>();
 
   Tensor dx = at::empty({m, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor dgate = at::full({m}, std::numeric_limits<acc_t>::quiet_NaN(), opts);
@@ -291,70 +446,58 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   const acc_t *glp = GL.data_ptr<acc_t>(), *gvp = GV.data_ptr<acc_t>();
   const acc_t* w2p = W2.data_ptr<acc_t>();
   acc_t *dw2p = dw2.data_ptr<acc_t>(), *db1p = db1.data_ptr<acc_t>(), *db2p = db2.data_ptr<acc_t>();
-  for_each_expert(n_exp, off, [&](int64_t e) {
+
+  const Schedule sched = make_schedule(off, n_exp);
+  Scratch scr(static_cast<int64_t>(sched.work.size()), sched.max_rows, c, hdim, opts, true);
+  run_experts(sched, [&](int64_t e, int64_t wk) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
     if (n == 0) return;
-    const Tensor Oe = O[e], W1e = W1[e], xb = xbar[e], wce = wc.narrow(0, lo, n);
+    const int64_t* pe = perm_p + lo;
+    Tensor W = scr.w[wk].narrow(0, 0, n), H = scr.h[wk].narrow(0, 0, n), Q = scr.q[wk].narrow(0, 0, n);
+    Tensor xb = at::empty({c}, opts);
+    acc_t* wp = W.data_ptr<acc_t>();
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, xb.data_ptr<acc_t>());
+    const Tensor Oe = O[e], W1e = W1[e];
     const Tensor A = at::mm(W1e, Oe);  // (H, c)
-    Tensor he = at::addmm(at::addmv(B1[e], A, xb), wce, A.t());
-    // Classifier backward: H-wide and cheap, run in row order so the sums are reproducible.
-    acc_t* hep = he.data_ptr<acc_t>();
+    at::addmm_out(H, B1[e], W, A.t());
+    // Classifier backward: hdim-wide and cheap, run in row order so the sums are reproducible.
+    acc_t* hep = H.data_ptr<acc_t>();
     acc_t db2_sum = 0;
     for (int64_t r = 0; r < n; ++r) {
-      const acc_t gl = glp[perm_p[lo + r]];
+      const acc_t gl = glp[pe[r]];
       db2_sum += gl;
       classifier_backward_row(hep + r * hdim, w2p + e * hdim, gl, hdim, dw2p + e * hdim, db1p + e * hdim);
     }
     db2p[e] = db2_sum;
+    centre_rows(wp, n, c, xb.data_ptr<acc_t>());
     // D = dh^T W = dh^T W_c + (sum dh) x̄^T; dW1 = D O^T.
-    Tensor D = at::mm(he.t(), wce);
+    Tensor D = at::mm(H.t(), W);
     D.addr_(db1[e], xb);
-    dw1[e].copy_(at::mm(D, Oe.t()));
+    Tensor dw1e = dw1[e];
+    at::mm_out(dw1e, D, Oe.t());
     const acc_t nf = static_cast<acc_t>(n);
     const Tensor a = GM[e] / nf;
     const acc_t k = acc_t(2) * gvp[e] / (nf * static_cast<acc_t>(c));
     Tensor dpe = dproj[e];
-    dpe.copy_(at::mm(W1e.t(), D));
+    at::mm_out(dpe, W1e.t(), D);
     dpe.addr_(a, xb, 1, nf);
-    Tensor qe = at::mm(he, A);
-    const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
-    if (k != acc_t(0) && 5 * n >= 8 * c) {
-      // k O S and k W_c P: 7/4 n c^2 + 2 c^3 multiply-adds.
-      dpe.add_(at::mm(Oe, gram(wce)), k);
-      qe.addmm_(wce, at::mm(Oe.t(), Oe), 1, k);
+    at::mm_out(Q, H, A);
+    if (k != acc_t(0) && use_scatter(n, c)) {
+      // k O S (S from the forward) and k W_c P.
+      dpe.addmm_(Oe, S[e], 1, k);
+      Q.addmm_(W, at::mm(Oe.t(), Oe), 1, k);
     } else if (k != acc_t(0)) {
-      // Few rows (n < 1.6 c): the same terms through Y_c = W_c O^T, 3 n c^2 multiply-adds:
-      // O S = Y_c^T W_c and W_c P = Y_c O.
-      const Tensor yc = at::mm(wce, Oe.t());
-      dpe.addmm_(yc.t(), wce, 1, k);
-      qe.addmm_(yc, Oe, 1, k);
+      // Few rows: the same terms through Y_c = W_c O^T: O S = Y_c^T W_c and W_c P = Y_c O.
+      const Tensor yc = at::mm(W, Oe.t());
+      dpe.addmm_(yc.t(), W, 1, k);
+      Q.addmm_(yc, Oe, 1, k);
     }
-    const acc_t* qp = qe.data_ptr<acc_t>();
+    const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
+    const acc_t* qp = Q.data_ptr<acc_t>();
     const acc_t* otap = ota.data_ptr<acc_t>();
-    at::parallel_for(0, n, grain(c), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t p = perm_p[lo + r];
-        const acc_t g = gp[p];
-        const acc_t* qr = qp + r * c;
-        const scalar_t* xr = xp + p * c;
-        scalar_t* dst = dxp + p * c;
-        // Eight running partial sums (a fixed order) let the compiler vectorise the dot product.
-        acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t j = 0;
-        for (; j + 8 <= c; j += 8) {
-          for (int l = 0; l < 8; ++l) {
-            const acc_t q = qr[j + l] + otap[j + l];
-            dst[j + l] = static_cast<scalar_t>(g * q);
-            part[l] += q * static_cast<acc_t>(xr[j + l]);
-          }
-        }
-        for (; j < c; ++j) {
-          const acc_t q = qr[j] + otap[j];
-          dst[j] = static_cast<scalar_t>(g * q);
-          part[0] += q * static_cast<acc_t>(xr[j]);
-        }
-        dgp[p] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-      }
+    const acc_t* xbp = xb.data_ptr<acc_t>();
+    for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) {
+      input_grad_tile<scalar_t, acc_t>(qp, otap, wp, xbp, xp, pe, gp, c, r0, r1, dxp, dgp);
     });
   });
   const auto st = x.scalar_type();
@@ -404,15 +547,22 @@ std::vector<Tensor> routed_head_bwd_cpu(const Tensor& glogits, const Tensor& gme
                                         const Tensor& x, const Tensor& expert, const Tensor& gate, const Tensor& proj,
                                         const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
                                         const Tensor& count, const Tensor& mean, const Tensor& perm,
-                                        const Tensor& offsets) {
+                                        const Tensor& offsets, const Tensor& scatter) {
   check_routed_head_args(x, expert, gate, proj, w1, b1, w2, b2, c10::DeviceType::CPU);
   // The kernel picks its own precisions: an enclosing autocast region must not recast its GEMMs.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_routed_head_bwd_args(glogits, gmean, gvar, x, count, mean, perm, offsets, proj.size(0));
-  check_routing_metadata(perm, offsets, count, x.size(0), proj.size(0));
+  const int64_t n = proj.size(0), c = x.size(1);
+  TORCH_CHECK(scatter.dim() == 3 && scatter.size(0) == n && scatter.size(1) == c && scatter.size(2) == c,
+              "scatter: expected the forward's per-expert scatter matrices of shape (", n, ", ", c, ", ", c,
+              "), got ", scatter.sizes());
+  TORCH_CHECK(scatter.device() == x.device(), "scatter: expected a tensor on ", x.device(), ", got one on ",
+              scatter.device());
+  TORCH_CHECK(at::isFloatingType(scatter.scalar_type()), "scatter: expected a floating-point tensor");
+  check_routing_metadata(perm, offsets, count, x.size(0), n);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_head_bwd_cpu", [&] {
-    out = bwd_typed<scalar_t>(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, perm, offsets);
+    out = bwd_typed<scalar_t>(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, perm, offsets, scatter);
   });
   return out;
 }
@@ -422,20 +572,20 @@ std::vector<Tensor> routed_head_bwd_cpu(const Tensor& glogits, const Tensor& gme
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_op(
     const at::Tensor& x, const at::Tensor& expert, const at::Tensor& gate, const at::Tensor& proj,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
   auto o = calgan_fast::cpu::routed_head_fwd_cpu(x, expert, gate, proj, w1, b1, w2, b2);
-  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_op(
     const at::Tensor& glogits, const at::Tensor& gmean, const at::Tensor& gvar, const at::Tensor& x,
     const at::Tensor& expert, const at::Tensor& gate, const at::Tensor& proj, const at::Tensor& w1,
     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& count, const at::Tensor& mean,
-    const at::Tensor& perm, const at::Tensor& offsets) {
+    const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& scatter) {
   auto o = calgan_fast::cpu::routed_head_bwd_cpu(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count,
-                                                 mean, perm, offsets);
+                                                 mean, perm, offsets, scatter);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 

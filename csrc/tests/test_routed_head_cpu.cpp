@@ -144,7 +144,7 @@ void run_case(const char* name, int64_t M, int64_t c, int64_t N, int64_t H, at::
   const auto bwd = calgan_fast::cpu::routed_head_bwd_cpu(gl.to(dt), gm.to(fwd[2].scalar_type()),
                                                          gv.to(fwd[2].scalar_type()), xk, expert, cast(gate), cast(O),
                                                          cast(W1), cast(b1), cast(w2), cast(b2), fwd[1], fwd[2],
-                                                         fwd[4], fwd[5]);
+                                                         fwd[4], fwd[5], fwd[6]);
   const double rtol = dt == at::kDouble ? 1e-9 : 2e-4, atol = dt == at::kDouble ? 1e-10 : 2e-4;
   const std::string tag = std::string(name) + (dt == at::kDouble ? " fp64 " : " fp32 ");
   expect_close(tag + "count", fwd[1], want.count, 0, 0);
