@@ -158,6 +158,13 @@ inline void prefetch_row(const scalar_t* row, int64_t c) {
   for (int64_t j = 0; j < c; j += per_line) __builtin_prefetch(row + j);
 }
 
+// The same for a row about to be written (fetched for ownership, so the store does not wait).
+template <typename scalar_t>
+inline void prefetch_row_for_write(scalar_t* row, int64_t c) {
+  const int64_t per_line = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(scalar_t)));
+  for (int64_t j = 0; j < c; j += per_line) __builtin_prefetch(row + j, 1);
+}
+
 // Rows r0..r1 of one expert: w[r, :] = gate[perm[r]] * x[perm[r], :] in acc_t; s (c values) = their
 // column sums.
 template <typename scalar_t, typename acc_t>
@@ -209,20 +216,13 @@ void centre_rows(acc_t* w, int64_t n, int64_t c, const acc_t* xbar) {
   for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) { centre_tile(w, r0, r1, c, xbar); });
 }
 
-// Logits of rows r0..r1 from their hidden pre-activations, scattered to pixel order: the sum of
-// classifier_logit taken over eight running partial sums (a fixed order), so that it vectorises.
+// z = lrelu(h) in place over rows r0..r1 of an (n, hdim) block.
 template <typename acc_t>
-CALGAN_CPU_CLONES void logits_tile(const acc_t* h, int64_t hdim, const acc_t* w2, acc_t b2, const int64_t* perm,
-                                   int64_t r0, int64_t r1, acc_t* logits) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const acc_t* hr = h + r * hdim;
-    acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t j = 0;
-    for (; j + 8 <= hdim; j += 8)
-      for (int l = 0; l < 8; ++l) part[l] += w2[j + l] * lrelu(hr[j + l]);
-    for (; j < hdim; ++j) part[0] += w2[j] * lrelu(hr[j]);
-    logits[perm[r]] = b2 + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
-  }
+CALGAN_CPU_CLONES void lrelu_tile(acc_t* h, int64_t hdim, int64_t r0, int64_t r1) {
+  acc_t* p = h + r0 * hdim;
+  const int64_t len = (r1 - r0) * hdim;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) p[i] = lrelu(p[i]);
 }
 
 // The input gradients of rows r0..r1 of one expert, scattered to pixel order: with
@@ -234,6 +234,7 @@ CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, const acc_t* ota, const a
                                        const scalar_t* xp, const int64_t* perm, const acc_t* gate, int64_t c,
                                        int64_t r0, int64_t r1, scalar_t* dx, acc_t* dgate) {
   for (int64_t r = r0; r < r1; ++r) {
+    if (r + kPrefetchRows < r1) prefetch_row_for_write(dx + perm[r + kPrefetchRows] * c, c);
     const int64_t p = perm[r];
     const acc_t g = gate[p];
     const acc_t* qr = q + r * c;
@@ -341,7 +342,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
   // Only the experts of the scatter route fill their slot; the others are zeroed below.
   Tensor scatter = at::empty({n_exp, c, c}, opts);
   acc_t *lg = logits_acc.data_ptr<acc_t>(), *mp = mean.data_ptr<acc_t>(), *vp = var.data_ptr<acc_t>();
-  const acc_t *w2p = W2.data_ptr<acc_t>(), *b2p = B2.data_ptr<acc_t>();
+  const acc_t* b2p = B2.data_ptr<acc_t>();
 
   const Schedule sched = make_schedule(off, n_exp);
   bool any_textbook = false;
@@ -362,10 +363,13 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     const Tensor Oe = O[e];
     // Classifier on the uncentred rows: h = W (W1 O)^T + b1.
     at::addmm_out(H, B1[e], W, at::mm(W1[e], Oe).t());
-    const acc_t* hp = H.data_ptr<acc_t>();
-    for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) {
-      logits_tile(hp, hdim, w2p + e * hdim, b2p[e], pe, r0, r1, lg);
-    });
+    // logits = lrelu(h) w2 + b2: the activation in place, one GEMV, scattered to pixel order.
+    acc_t* hp = H.data_ptr<acc_t>();
+    for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) { lrelu_tile(hp, hdim, r0, r1); });
+    const Tensor le = at::mv(H, W2[e]);
+    const acc_t* lep = le.data_ptr<acc_t>();
+    const acc_t b2e = b2p[e];
+    for (int64_t r = 0; r < n; ++r) lg[pe[r]] = lep[r] + b2e;
     if (use_scatter(n, c)) {
       centre_rows(wp, n, c, xbar.data_ptr<acc_t>());
       Tensor Se = scatter[e];
