@@ -8,7 +8,7 @@ TORCH_LIBRARY_FRAGMENT(calgan_fast_C, m) {
   // (count (N,), offsets (N+1,), perm (M,)) int64: stable grouping of the rows by expert.
   m.def("routing_metadata(Tensor expert, int num_experts) -> (Tensor, Tensor, Tensor)");
   // -> (logits (M,), count (N,), mean (N, c), var (N,), perm (M,), offsets (N+1,),
-  //     scatter (N, c, c): per-expert scatter matrices of the gated rows, kept for the backward)
+  //     xcov (N, c, c): per-expert cross-covariance of y and the gated rows, kept for the backward)
   m.def(
       "routed_head_fwd_cpu(Tensor x, Tensor expert, Tensor gate, Tensor proj, Tensor w1, Tensor b1, "
       "Tensor w2, Tensor b2) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -16,7 +16,7 @@ TORCH_LIBRARY_FRAGMENT(calgan_fast_C, m) {
   m.def(
       "routed_head_bwd_cpu(Tensor glogits, Tensor gmean, Tensor gvar, Tensor x, Tensor expert, Tensor gate, "
       "Tensor proj, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor count, Tensor mean, Tensor perm, "
-      "Tensor offsets, Tensor scatter) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor offsets, Tensor xcov) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 #ifdef WITH_CUDA
   m.def(
       "routed_head_fwd_cuda(Tensor x, Tensor expert, Tensor gate, Tensor proj, Tensor w1, Tensor b1, "

@@ -254,12 +254,12 @@ def test_bad_input_public_api():
 def test_bad_backward_args_name_argument():
     args = _raw_args()
     x, expert, gate, proj, w1, b1, w2, b2 = args
-    _, count, mean, _, perm, offsets, scatter = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
-    good = [torch.randn(10), torch.randn(3, 8), torch.randn(3), *args, count, mean, perm, offsets, scatter]
+    _, count, mean, _, perm, offsets, xcov = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+    good = [torch.randn(10), torch.randn(3, 8), torch.randn(3), *args, count, mean, perm, offsets, xcov]
     torch.ops.calgan_fast_C.routed_head_bwd_cpu(*good)
     for index, bad, match in ((0, torch.randn(9), "glogits"), (1, torch.randn(3, 7), "gmean"),
                               (2, torch.randn(4), "gvar"), (14, torch.zeros(3, dtype=torch.long), "offsets"),
-                              (15, torch.zeros(3, 8, 7), "scatter")):
+                              (15, torch.zeros(3, 8, 7), "xcov")):
         args_bad = list(good)
         args_bad[index] = bad
         with pytest.raises(RuntimeError, match=match):
@@ -269,11 +269,11 @@ def test_bad_backward_args_name_argument():
 def test_bad_routing_metadata_in_backward_raises():
     # Direct calls with inconsistent metadata must raise, not write out of bounds.
     args = _raw_args()
-    _, count, mean, _, perm, offsets, scatter = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+    _, count, mean, _, perm, offsets, xcov = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
     grads = [torch.randn(10), torch.randn(3, 8), torch.randn(3)]
 
     def call(count=count, perm=perm, offsets=offsets):
-        return torch.ops.calgan_fast_C.routed_head_bwd_cpu(*grads, *args, count, mean, perm, offsets, scatter)
+        return torch.ops.calgan_fast_C.routed_head_bwd_cpu(*grads, *args, count, mean, perm, offsets, xcov)
 
     call()
     bad_perm = perm.clone()

@@ -4,7 +4,7 @@ A backend is a pair of functions ``forward(x, expert, gate, proj, w1, b1, w2, b2
 ``backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm,
 offsets, aux)`` in a module imported on first use (so Triton and the extension load lazily);
 ``aux`` holds the per-expert statistics a forward hands to its backward (``Backend.aux_shape``:
-the scatter matrices of the gated rows for ``cpu``, empty for the backends that keep nothing else);
+per-expert cross-covariances of ``y`` and the gated rows for ``cpu``, empty for the backends that keep nothing else);
 :mod:`calgan_fast.ops.routed_head` wraps every pair in the same ``torch.library`` custom ops.
 """
 
@@ -75,11 +75,11 @@ class Backend:
     devices: tuple[str, ...]  # device types its tensors may live on
     probe: Callable[[], tuple[bool, str]]
     description: str
-    scatter_aux: bool = False  # its forward hands (N, c, c) scatter matrices to its backward
+    xcov_aux: bool = False  # its forward hands (N, c, c) cross-covariances to its backward
 
     def aux_shape(self, c: int, n: int) -> tuple[int, ...]:
         """Shape of the ``aux`` output of the forward for ``c`` channels and ``n`` experts."""
-        return (n, c, c) if self.scatter_aux else (0,)
+        return (n, c, c) if self.xcov_aux else (0,)
 
     def available(self) -> tuple[bool, str]:
         """``(True, "")`` when it can run here, else ``(False, how to get it)``."""
@@ -108,7 +108,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("cuda", "calgan_fast.ops.cpp_impl", ("cuda",), _cuda_available,
                 "fused CUDA kernels of calgan_fast._C"),
         Backend("cpu", "calgan_fast.ops.cpp_impl", ("cpu",), _cpu_available,
-                "fused C++ kernel of calgan_fast._C (OpenMP, vectorised)", scatter_aux=True),
+                "fused C++ kernel of calgan_fast._C (OpenMP, vectorised)", xcov_aux=True),
     )
 }
 

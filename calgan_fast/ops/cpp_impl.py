@@ -36,7 +36,7 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu"):
     Returns:
         ``(logits (M,) x.dtype, count (N,) int64, mean (N, c), var (N,), perm (M,) int64,
         offsets (N+1,) int64, aux)``; mean/var fp32 (fp64 for fp64 x). ``aux`` is what the
-        backward reuses: for ``cpu`` the ``(N, c, c)`` scatter matrices of each expert's gated rows
+        backward reuses: for ``cpu`` the ``(N, c, c)`` cross-covariances of each expert's ``y`` and gated rows
         (see ``csrc/cpu/routed_head_cpu.cpp``), for ``cuda`` nothing (empty).
     """
     fwd, _ = _ops(backend)

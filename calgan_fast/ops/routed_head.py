@@ -4,7 +4,7 @@ Every fast backend is exposed as two custom ops with one schema,
 ``calgan_fast::routed_head_fwd_<backend>`` and ``calgan_fast::routed_head_bwd_<backend>``, with
 fake (meta) implementations so that ``torch.library.opcheck`` passes and ``torch.compile`` can
 trace models that use them. Autograd saves the inputs, the routing metadata, the expert means and
-the backend's ``aux`` per-expert statistics (the ``(N, c, c)`` scatter matrices of the gated rows
+the backend's ``aux`` per-expert statistics (the ``(N, c, c)`` cross-covariances of ``y`` and the gated rows
 for ``cpu``, nothing for the others), and calls the backward op, which recomputes what it needs of
 the forward (``y`` and ``z`` in the ``torch`` and ``triton`` backends; ``z`` and an algebraic form
 of ``y`` in ``cpu``/``cuda``). The backward op itself has no autograd formula: a double backward

@@ -4,7 +4,7 @@
 //   x (M, c) fp32/bf16/fp16/fp64, any strides;  expert (M,) int64;  gate (M,) x.dtype;
 //   proj O (N, c, c);  w1 (N, H, c);  b1 (N, H);  w2 (N, H);  b2 (N,)   all x.dtype.
 //   forward  -> logits (M,) x.dtype, count (N,) int64, mean (N, c) acc, var (N,) acc,
-//               perm (M,) int64, offsets (N+1,) int64, scatter (N, c, c) acc.
+//               perm (M,) int64, offsets (N+1,) int64, xcov (N, c, c) acc.
 //   backward -> dx, dgate, dproj, dw1, db1, dw2, db2 in the dtypes of the inputs.
 //
 // Algorithm. A stable counting sort groups the rows by expert (perm, offsets). Each expert is then
@@ -20,15 +20,17 @@
 // the gated rows W (w_p = g_p x_p) of an expert of n rows, their mean x̄, W_c = W - x̄,
 // A = W1 O (hdim x c), P = O^T O and the scatter matrix S = W_c^T W_c:
 //   h     = W A^T + b1                       hdim-wide: y = O w is never formed
-//   mean  = O x̄,   var = <P, S> / (n c)      (sum_p |y_p - mean|^2 = trace(O S O^T))
+//   mean  = O x̄,   var = <O, O S> / (n c)    (sum_p |y_p - mean|^2 = trace(O S O^T))
 // and in the backward, with a = gmean / n, k = 2 gvar / (n c) and dh the classifier gradient:
 //   q_p   = O^T dy_p = A^T dh_p + O^T a + k P (w_p - x̄),   dx_p = g_p q_p,   dgate_p = q_p . x_p
 //   D     = dh^T W,   dW1 = D O^T,   dproj = W1^T D + n a x̄^T + k O S.
-// S is a per-expert statistic of the gated input: the forward computes it once (three quarters of
-// a GEMM or less, by symmetry) and hands it to the backward as the `scatter` output, so one
-// forward+backward costs about 2.8 (M, c) x (c, c) GEMMs (forward: S, the hdim-wide h and two c^3
-// products per expert; backward: the dx GEMM, the hdim-wide products and two c^3 products)
-// instead of the 4.5 of the textbook chain. Experts with few rows (n < 4c/3), where the c^3 terms
+// The forward computes S (about 0.6 of a GEMM, by symmetry) and T = O S, the per-expert
+// cross-covariance sum_p (y_p - mean)(w_p - x̄)^T of the output and the gated input, which gives
+// the variance (sum_p |y_p - mean|^2 = <O, T>) and is exactly the k O S the backward needs; T is
+// handed to the backward as the `xcov` output (a per-expert statistic, no activation). One
+// forward+backward then costs about 2.4 (M, c) x (c, c) GEMMs (forward: S, the hdim-wide h and one
+// c^3 product per expert; backward: the dx GEMM, the hdim-wide products and P, symmetric) instead
+// of the 4.5 of the textbook chain. Experts with few rows (n < 4c/3), where the c^3 terms
 // would dominate, take the textbook route instead: the forward forms Y = W O^T and its statistics
 // by Chan's merge of tile statistics, and the backward the k terms through Y_c = W_c O^T.
 // The classifier reads W uncentred, so a NaN in a row of x stays in that row's logit (and its
@@ -66,8 +68,8 @@ struct AccOf<double> {
 };
 
 // Whether an expert of n rows takes the scatter-matrix route (else the textbook one). Counted in
-// multiply-adds: scatter 1.5 n c^2 (S by blocks, W_c P) + 3 c^3 (P twice, O S) against 4 n c^2.
-inline bool use_scatter(int64_t n, int64_t c) { return 3 * n >= 4 * c; }
+// multiply-adds: about 1.6 n c^2 (S by bands, W_c P) + 1.6 c^3 (O S, P by bands) against 4 n c^2.
+inline bool use_scatter(int64_t n, int64_t c) { return 5 * n >= 4 * c; }
 
 int64_t n_tiles_of(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
 
@@ -269,8 +271,10 @@ CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, const acc_t* ota, const a
   }
 }
 
-// S = W^T W of an (n, c) block into out (c, c): by blocks of kBlock columns, each product above
-// the diagonal computed once and mirrored (a symmetric rank-n update, which ATen does not offer).
+// S = W^T W of an (n, c) block into out (c, c), a symmetric rank-n update (which ATen does not
+// offer): one GEMM per band of kGramBlock rows of S, from the diagonal rightwards, mirrored below
+// it. Counted in multiply-adds that is c^2 n (c + kGramBlock) / (2 c) instead of c^2 n, and a
+// band's GEMM is wide enough to keep MKL's packing cheap.
 constexpr int64_t kGramBlock = 64;
 void scatter_matrix(const Tensor& w, Tensor out) {
   const int64_t c = w.size(1);
@@ -278,16 +282,11 @@ void scatter_matrix(const Tensor& w, Tensor out) {
     at::mm_out(out, w.t(), w);
     return;
   }
-  const int64_t nb = (c + kGramBlock - 1) / kGramBlock;
-  for (int64_t i = 0; i < nb; ++i) {
-    const int64_t i0 = i * kGramBlock, ci = std::min(kGramBlock, c - i0);
-    const Tensor wi = w.narrow(1, i0, ci);
-    for (int64_t j = i; j < nb; ++j) {
-      const int64_t j0 = j * kGramBlock, cj = std::min(kGramBlock, c - j0);
-      const Tensor blk = at::mm(wi.t(), w.narrow(1, j0, cj));
-      out.narrow(0, i0, ci).narrow(1, j0, cj).copy_(blk);
-      if (j != i) out.narrow(0, j0, cj).narrow(1, i0, ci).copy_(blk.t());
-    }
+  for (int64_t i0 = 0; i0 < c; i0 += kGramBlock) {
+    const int64_t ci = std::min(kGramBlock, c - i0);
+    const Tensor band = at::mm(w.narrow(1, i0, ci).t(), w.narrow(1, i0, c - i0));  // (ci, c - i0)
+    out.narrow(0, i0, ci).narrow(1, i0, c - i0).copy_(band);
+    if (c - i0 > ci) out.narrow(0, i0 + ci, c - i0 - ci).narrow(1, i0, ci).copy_(band.narrow(1, ci, c - i0 - ci).t());
   }
 }
 
@@ -340,7 +339,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
   Tensor logits_acc = at::full({m}, std::numeric_limits<acc_t>::quiet_NaN(), opts);
   Tensor mean = at::zeros({n_exp, c}, opts), var = at::zeros({n_exp}, opts);
   // Only the experts of the scatter route fill their slot; the others are zeroed below.
-  Tensor scatter = at::empty({n_exp, c, c}, opts);
+  Tensor xcov = at::empty({n_exp, c, c}, opts);
   acc_t *lg = logits_acc.data_ptr<acc_t>(), *mp = mean.data_ptr<acc_t>(), *vp = var.data_ptr<acc_t>();
   const acc_t* b2p = B2.data_ptr<acc_t>();
 
@@ -349,7 +348,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
   for (int64_t e = 0; e < n_exp; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n > 0 && !use_scatter(n, c)) any_textbook = true;
-    if (n == 0 || !use_scatter(n, c)) scatter[e].zero_();
+    if (n == 0 || !use_scatter(n, c)) xcov[e].zero_();
   }
   Scratch scr(static_cast<int64_t>(sched.work.size()), sched.max_rows, c, hdim, opts, any_textbook);
   run_experts(sched, [&](int64_t e, int64_t wk) {
@@ -372,10 +371,11 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     for (int64_t r = 0; r < n; ++r) lg[pe[r]] = lep[r] + b2e;
     if (use_scatter(n, c)) {
       centre_rows(wp, n, c, xbar.data_ptr<acc_t>());
-      Tensor Se = scatter[e];
-      scatter_matrix(W, Se);
-      const Tensor P = at::mm(Oe.t(), Oe);
-      vp[e] = frobenius_dot<acc_t>(P, Se) / (static_cast<acc_t>(n) * static_cast<acc_t>(c));
+      // T = O S (the cross-covariance of y and the gated rows); sum |y - mean|^2 = <O, T>.
+      Tensor S = at::empty({c, c}, opts), T = xcov[e];
+      scatter_matrix(W, S);
+      at::mm_out(T, Oe, S);
+      vp[e] = frobenius_dot<acc_t>(Oe, T) / (static_cast<acc_t>(n) * static_cast<acc_t>(c));
       Tensor me = mean[e];
       at::mv_out(me, Oe, xbar);
       return;
@@ -418,14 +418,14 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     }
     vp[e] = m2 / (n_a * static_cast<acc_t>(c));
   });
-  return {logits_acc.to(x.scalar_type()), count, mean, var, perm, offsets, scatter};
+  return {logits_acc.to(x.scalar_type()), count, mean, var, perm, offsets, xcov};
 }
 
 template <typename scalar_t>
 std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const Tensor& gvar, const Tensor& x,
                               const Tensor& gate, const Tensor& proj, const Tensor& w1, const Tensor& b1,
                               const Tensor& w2, const Tensor& b2, const Tensor& perm, const Tensor& offsets,
-                              const Tensor& scatter) {
+                              const Tensor& xcov) {
   using acc_t = typename AccOf<scalar_t>::type;
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t m = x.size(0), c = x.size(1), n_exp = proj.size(0), hdim = w1.size(1);
@@ -433,7 +433,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   const Tensor O = proj.to(acc).contiguous(), W1 = w1.to(acc).contiguous(), B1 = b1.to(acc).contiguous();
   const Tensor W2 = w2.to(acc).contiguous(), G = gate.to(acc).contiguous();
   const Tensor GL = glogits.to(acc).contiguous(), GM = gmean.to(acc).contiguous(), GV = gvar.to(acc).contiguous();
-  const Tensor S = scatter.to(acc).contiguous();
+  const Tensor T = xcov.to(acc).contiguous();
   const Tensor xc = rows_contiguous(x);
   const Tensor perm_c = perm.contiguous(), off_c = offsets.contiguous();
   const int64_t* perm_p = perm_c.data_ptr<int64_t>();
@@ -488,8 +488,10 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     at::mm_out(Q, H, A);
     if (k != acc_t(0) && use_scatter(n, c)) {
       // k O S (S from the forward) and k W_c P.
-      dpe.addmm_(Oe, S[e], 1, k);
-      Q.addmm_(W, at::mm(Oe.t(), Oe), 1, k);
+      dpe.add_(T[e], k);
+      Tensor P = at::empty({c, c}, opts);
+      scatter_matrix(Oe, P);  // O^T O, symmetric
+      Q.addmm_(W, P, 1, k);
     } else if (k != acc_t(0)) {
       // Few rows: the same terms through Y_c = W_c O^T: O S = Y_c^T W_c and W_c P = Y_c O.
       const Tensor yc = at::mm(W, Oe.t());
@@ -551,22 +553,22 @@ std::vector<Tensor> routed_head_bwd_cpu(const Tensor& glogits, const Tensor& gme
                                         const Tensor& x, const Tensor& expert, const Tensor& gate, const Tensor& proj,
                                         const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2,
                                         const Tensor& count, const Tensor& mean, const Tensor& perm,
-                                        const Tensor& offsets, const Tensor& scatter) {
+                                        const Tensor& offsets, const Tensor& xcov) {
   check_routed_head_args(x, expert, gate, proj, w1, b1, w2, b2, c10::DeviceType::CPU);
   // The kernel picks its own precisions: an enclosing autocast region must not recast its GEMMs.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_routed_head_bwd_args(glogits, gmean, gvar, x, count, mean, perm, offsets, proj.size(0));
   const int64_t n = proj.size(0), c = x.size(1);
-  TORCH_CHECK(scatter.dim() == 3 && scatter.size(0) == n && scatter.size(1) == c && scatter.size(2) == c,
-              "scatter: expected the forward's per-expert scatter matrices of shape (", n, ", ", c, ", ", c,
-              "), got ", scatter.sizes());
-  TORCH_CHECK(scatter.device() == x.device(), "scatter: expected a tensor on ", x.device(), ", got one on ",
-              scatter.device());
-  TORCH_CHECK(at::isFloatingType(scatter.scalar_type()), "scatter: expected a floating-point tensor");
+  TORCH_CHECK(xcov.dim() == 3 && xcov.size(0) == n && xcov.size(1) == c && xcov.size(2) == c,
+              "xcov: expected the forward's per-expert cross-covariances of shape (", n, ", ", c, ", ", c,
+              "), got ", xcov.sizes());
+  TORCH_CHECK(xcov.device() == x.device(), "xcov: expected a tensor on ", x.device(), ", got one on ",
+              xcov.device());
+  TORCH_CHECK(at::isFloatingType(xcov.scalar_type()), "xcov: expected a floating-point tensor");
   check_routing_metadata(perm, offsets, count, x.size(0), n);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_head_bwd_cpu", [&] {
-    out = bwd_typed<scalar_t>(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, perm, offsets, scatter);
+    out = bwd_typed<scalar_t>(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, perm, offsets, xcov);
   });
   return out;
 }
@@ -587,9 +589,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& glogits, const at::Tensor& gmean, const at::Tensor& gvar, const at::Tensor& x,
     const at::Tensor& expert, const at::Tensor& gate, const at::Tensor& proj, const at::Tensor& w1,
     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& count, const at::Tensor& mean,
-    const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& scatter) {
+    const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& xcov) {
   auto o = calgan_fast::cpu::routed_head_bwd_cpu(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count,
-                                                 mean, perm, offsets, scatter);
+                                                 mean, perm, offsets, xcov);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
