@@ -167,18 +167,18 @@ inline void prefetch_row_for_write(scalar_t* row, int64_t c) {
   for (int64_t j = 0; j < c; j += per_line) __builtin_prefetch(row + j, 1);
 }
 
-// Rows r0..r1 of one expert: w[r, :] = gate[perm[r]] * x[perm[r], :] in acc_t; s (c values) = their
-// column sums.
+// Rows r0..r1 of one expert: w[r, :] = gate[perm[r]] * x[perm[r], :] in acc_t (rows ld apart);
+// s (c values) = their column sums.
 template <typename scalar_t, typename acc_t>
 CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate,
-                                   int64_t r0, int64_t r1, acc_t* w, acc_t* s) {
+                                   int64_t r0, int64_t r1, acc_t* w, int64_t ld, acc_t* s) {
   for (int64_t j = 0; j < c; ++j) s[j] = acc_t(0);
   for (int64_t r = r0; r < r1; ++r) {
     if (r + kPrefetchRows < r1) prefetch_row(xp + perm[r + kPrefetchRows] * c, c);
     const int64_t p = perm[r];
     const acc_t g = gate[p];
     const scalar_t* src = xp + p * c;
-    acc_t* dst = w + r * c;
+    acc_t* dst = w + r * ld;
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
       dst[j] = g * static_cast<acc_t>(src[j]);
@@ -187,15 +187,16 @@ CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t*
   }
 }
 
-// Gathers the n gated rows of one expert into w (n, c) and returns their mean in xbar (c values):
-// column sums per tile, added in double in tile order, so independent of the thread count.
+// Gathers the n gated rows of one expert into w (n, c; rows ld apart) and returns their mean in
+// xbar (c values): column sums per tile, added in double in tile order, so independent of the
+// thread count.
 template <typename scalar_t, typename acc_t>
 void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, int64_t n, acc_t* w,
-                   acc_t* xbar) {
+                   int64_t ld, acc_t* xbar) {
   const int64_t nt = n_tiles_of(n);
   std::vector<acc_t> ts(static_cast<size_t>(nt * c));
   for_each_tile(n, [&](int64_t t, int64_t r0, int64_t r1) {
-    gather_tile<scalar_t, acc_t>(xp, c, perm, gate, r0, r1, w, ts.data() + t * c);
+    gather_tile<scalar_t, acc_t>(xp, c, perm, gate, r0, r1, w, ld, ts.data() + t * c);
   });
   for (int64_t j = 0; j < c; ++j) {
     double s = 0.0;
@@ -205,17 +206,17 @@ void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc
 }
 
 template <typename acc_t>
-CALGAN_CPU_CLONES void centre_tile(acc_t* w, int64_t r0, int64_t r1, int64_t c, const acc_t* xbar) {
+CALGAN_CPU_CLONES void centre_tile(acc_t* w, int64_t ld, int64_t r0, int64_t r1, int64_t c, const acc_t* xbar) {
   for (int64_t r = r0; r < r1; ++r) {
-    acc_t* row = w + r * c;
+    acc_t* row = w + r * ld;
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) row[j] -= xbar[j];
   }
 }
 
 template <typename acc_t>
-void centre_rows(acc_t* w, int64_t n, int64_t c, const acc_t* xbar) {
-  for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) { centre_tile(w, r0, r1, c, xbar); });
+void centre_rows(acc_t* w, int64_t ld, int64_t n, int64_t c, const acc_t* xbar) {
+  for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) { centre_tile(w, ld, r0, r1, c, xbar); });
 }
 
 // z = lrelu(h) in place over rows r0..r1 of an (n, hdim) block.
@@ -232,7 +233,7 @@ CALGAN_CPU_CLONES void lrelu_tile(acc_t* h, int64_t hdim, int64_t r0, int64_t r1
 // back from the expert's centred block (x = (w_c + x̄) / g), not from scattered rows of x; rows with
 // g = 0 read x itself.
 template <typename scalar_t, typename acc_t>
-CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, const acc_t* ota, const acc_t* wc, const acc_t* xbar,
+CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, const acc_t* ota, const acc_t* wc, int64_t ld, const acc_t* xbar,
                                        const scalar_t* xp, const int64_t* perm, const acc_t* gate, int64_t c,
                                        int64_t r0, int64_t r1, scalar_t* dx, acc_t* dgate) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -240,7 +241,7 @@ CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, const acc_t* ota, const a
     const int64_t p = perm[r];
     const acc_t g = gate[p];
     const acc_t* qr = q + r * c;
-    const acc_t* wr = wc + r * c;
+    const acc_t* wr = wc + r * ld;
     scalar_t* dst = dx + p * c;
     // Eight running partial sums (a fixed order) let the compiler vectorise the dot product.
     acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -358,7 +359,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     Tensor W = scr.w[wk].narrow(0, 0, n), H = scr.h[wk].narrow(0, 0, n);
     Tensor xbar = at::empty({c}, opts);
     acc_t* wp = W.data_ptr<acc_t>();
-    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, xbar.data_ptr<acc_t>());
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, c, xbar.data_ptr<acc_t>());
     const Tensor Oe = O[e];
     // Classifier on the uncentred rows: h = W (W1 O)^T + b1.
     at::addmm_out(H, B1[e], W, at::mm(W1[e], Oe).t());
@@ -370,7 +371,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     const acc_t b2e = b2p[e];
     for (int64_t r = 0; r < n; ++r) lg[pe[r]] = lep[r] + b2e;
     if (use_scatter(n, c)) {
-      centre_rows(wp, n, c, xbar.data_ptr<acc_t>());
+      centre_rows(wp, c, n, c, xbar.data_ptr<acc_t>());
       // T = O S (the cross-covariance of y and the gated rows); sum |y - mean|^2 = <O, T>.
       Tensor S = at::empty({c, c}, opts), T = xcov[e];
       scatter_matrix(W, S);
@@ -452,15 +453,24 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   acc_t *dw2p = dw2.data_ptr<acc_t>(), *db1p = db1.data_ptr<acc_t>(), *db2p = db2.data_ptr<acc_t>();
 
   const Schedule sched = make_schedule(off, n_exp);
-  Scratch scr(static_cast<int64_t>(sched.work.size()), sched.max_rows, c, hdim, opts, true);
+  // Per worker: [W | H], an expert's gated rows and their hidden rows side by side (rows c + hdim
+  // apart), so that q = [W_c | dh] [k P; A] is one GEMM; and q.
+  const int64_t ld = c + hdim;
+  const int64_t workers = static_cast<int64_t>(sched.work.size());
+  std::vector<Tensor> wh_buf, q_buf;
+  for (int64_t i = 0; i < workers; ++i) {
+    wh_buf.push_back(at::empty({sched.max_rows, ld}, opts));
+    q_buf.push_back(at::empty({sched.max_rows, c}, opts));
+  }
   run_experts(sched, [&](int64_t e, int64_t wk) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
     if (n == 0) return;
     const int64_t* pe = perm_p + lo;
-    Tensor W = scr.w[wk].narrow(0, 0, n), H = scr.h[wk].narrow(0, 0, n), Q = scr.q[wk].narrow(0, 0, n);
+    const Tensor WH = wh_buf[wk].narrow(0, 0, n);
+    Tensor W = WH.narrow(1, 0, c), H = WH.narrow(1, c, hdim), Q = q_buf[wk].narrow(0, 0, n);
     Tensor xb = at::empty({c}, opts);
     acc_t* wp = W.data_ptr<acc_t>();
-    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, xb.data_ptr<acc_t>());
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, ld, xb.data_ptr<acc_t>());
     const Tensor Oe = O[e], W1e = W1[e];
     const Tensor A = at::mm(W1e, Oe);  // (H, c)
     at::addmm_out(H, B1[e], W, A.t());
@@ -470,10 +480,10 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     for (int64_t r = 0; r < n; ++r) {
       const acc_t gl = glp[pe[r]];
       db2_sum += gl;
-      classifier_backward_row(hep + r * hdim, w2p + e * hdim, gl, hdim, dw2p + e * hdim, db1p + e * hdim);
+      classifier_backward_row(hep + r * ld, w2p + e * hdim, gl, hdim, dw2p + e * hdim, db1p + e * hdim);
     }
     db2p[e] = db2_sum;
-    centre_rows(wp, n, c, xb.data_ptr<acc_t>());
+    centre_rows(wp, ld, n, c, xb.data_ptr<acc_t>());
     // D = dh^T W = dh^T W_c + (sum dh) x̄^T; dW1 = D O^T.
     Tensor D = at::mm(H.t(), W);
     D.addr_(db1[e], xb);
@@ -485,25 +495,30 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     Tensor dpe = dproj[e];
     at::mm_out(dpe, W1e.t(), D);
     dpe.addr_(a, xb, 1, nf);
-    at::mm_out(Q, H, A);
     if (k != acc_t(0) && use_scatter(n, c)) {
-      // k O S (S from the forward) and k W_c P.
+      // k O S = k T (T from the forward); q = dh A + k W_c P = [W_c | dh] [k P; A].
       dpe.add_(T[e], k);
-      Tensor P = at::empty({c, c}, opts);
-      scatter_matrix(Oe, P);  // O^T O, symmetric
-      Q.addmm_(W, P, 1, k);
+      Tensor KPA = at::empty({ld, c}, opts);
+      Tensor KP = KPA.narrow(0, 0, c);
+      scatter_matrix(Oe, KP);  // O^T O, symmetric
+      KP.mul_(k);
+      KPA.narrow(0, c, hdim).copy_(A);
+      at::mm_out(Q, WH, KPA);
     } else if (k != acc_t(0)) {
+      at::mm_out(Q, H, A);
       // Few rows: the same terms through Y_c = W_c O^T: O S = Y_c^T W_c and W_c P = Y_c O.
       const Tensor yc = at::mm(W, Oe.t());
       dpe.addmm_(yc.t(), W, 1, k);
       Q.addmm_(yc, Oe, 1, k);
+    } else {
+      at::mm_out(Q, H, A);
     }
     const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
     const acc_t* qp = Q.data_ptr<acc_t>();
     const acc_t* otap = ota.data_ptr<acc_t>();
     const acc_t* xbp = xb.data_ptr<acc_t>();
     for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) {
-      input_grad_tile<scalar_t, acc_t>(qp, otap, wp, xbp, xp, pe, gp, c, r0, r1, dxp, dgp);
+      input_grad_tile<scalar_t, acc_t>(qp, otap, wp, ld, xbp, xp, pe, gp, c, r0, r1, dxp, dgp);
     });
   });
   const auto st = x.scalar_type();
