@@ -41,7 +41,8 @@ CASES = [
     (200, 32, 6, 5, "empty_and_single"),
     (700, 256, 12, 32, "random"),
     (333, 130, 4, 16, "empty_and_single"),
-    (700, 130, 2, 16, "random"),  # many rows per expert: the Gram-matrix route of the backward
+    (700, 130, 2, 16, "random"),  # many rows per expert: the scatter-matrix route, bands of 64 + 2
+    (1200, 256, 3, 32, "random"),  # the scatter-matrix route at the benchmark's c
 ]
 
 
@@ -103,6 +104,25 @@ def test_fp64_matches_reference(case):
         torch.testing.assert_close(a, r, rtol=rtol, atol=atol, msg=lambda s, nm=name: f"{nm}: {s}")
 
 
+# (M, c) with N = 3: experts of about M/3 rows take the scatter-matrix route when 5 n >= 4 c.
+ROUTES = {"textbook-route": (60, 130), "scatter-route": (900, 130)}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_zero_gates(route):
+    """Rows with gate 0 (y = 0) still get dgate = O^T dy . x: the backward reads their x rows."""
+    m, c = ROUTES[route]
+    inputs = make_inputs(m, c, 3, dtype=torch.float64, seed=3)
+    inputs[2][::4] = 0.0
+    inputs = [t.requires_grad_(True) if t.is_floating_point() else t for t in inputs]
+    out, grads = _run(inputs, "cpu")
+    out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
+    rtol, atol = TOL[torch.float64]
+    for name, a, r in zip(NAMES, out + grads, out_ref + grads_ref):
+        torch.testing.assert_close(a, r, rtol=rtol, atol=atol, msg=lambda s, nm=name: f"{nm}: {s}")
+    assert grads[1][::4].abs().max() > 0  # dgate of the zero-gate rows is not trivially zero
+
+
 def test_statistics_of_tiny_experts():
     # Expert 0 empty, 1 with one row, 2 with two rows: mean/var exactly as DESIGN §2 defines them.
     x, _, gate, proj, w1, b1, w2, b2 = make_inputs(3, 8, 3, 2, dtype=torch.float64)
@@ -129,6 +149,19 @@ def test_statistics_stable_with_large_offset():
     var32 = calgan_fast.routed_head(*(a.float() if a.is_floating_point() else a for a in args), backend="cpu").var
     torch.testing.assert_close(var64, x.var(0, unbiased=False).mean()[None], rtol=1e-9, atol=0)
     torch.testing.assert_close(var32.double(), var64, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_nan_stays_in_its_row_and_expert(route):
+    """The documented NaN policy: a NaN row of x poisons its logit and its expert's statistics only
+    (on both routes: the scatter-matrix route centres the rows, but its logits read them uncentred)."""
+    m, c = ROUTES[route]
+    x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(m, c, 3, 4, seed=8, expert=torch.arange(m) % 3)
+    x[7, 3] = float("nan")  # row 7 goes to expert 1
+    out = calgan_fast.routed_head(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu")
+    assert torch.isnan(out.logits[7]) and torch.isfinite(out.logits[torch.arange(m) != 7]).all()
+    assert torch.isnan(out.mean[1]).any() and torch.isnan(out.var[1])
+    assert torch.isfinite(out.mean[[0, 2]]).all() and torch.isfinite(out.var[[0, 2]]).all()
 
 
 def test_non_contiguous_x():
