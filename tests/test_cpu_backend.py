@@ -31,7 +31,7 @@ def _expert(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
 
 
 # (M, c, N, hdim, expert kind): sizes off any block multiple, c not a power of two, N = 1, prime N,
-# c >= 128 (the blocked Gram matrix) with an odd split, and the benchmark's c, N.
+# c >= 128 (the scatter matrix by bands) with an odd split, and the benchmark's c, N.
 CASES = [
     (300, 40, 5, None, "random"),
     (1, 16, 3, 4, "random"),
