@@ -11,8 +11,8 @@
 // one task: its rows are gathered, gate-scaled, into a contiguous acc block of a per-worker scratch
 // buffer (which also makes strided x and bf16 cheap and keeps the block in cache for every step
 // that follows), and every GEMM runs on that block through ATen (MKL/oneDNN). With enough experts
-// to balance, the experts are dealt to the threads (largest first, each to the least loaded) and
-// run single-threaded, one parallel region per call; otherwise they run in order and ATen threads
+// to balance, the threads take the experts, largest first, from a shared counter and run each
+// single-threaded, one parallel region per call; otherwise they run in order and ATen threads
 // each GEMM and row loop. Row loops run over fixed tiles of kTileRows rows and every reduction is
 // summed per tile in a fixed order, so results are bitwise reproducible for a fixed thread count.
 //
@@ -44,6 +44,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -73,11 +74,15 @@ inline bool use_scatter(int64_t n, int64_t c) { return 5 * n >= 4 * c; }
 
 int64_t n_tiles_of(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
 
-// Which experts each worker runs. parallel: one worker per thread, each running its experts
-// single-threaded; else one worker running every expert in order with threaded GEMMs and loops.
+// How the experts run. parallel: one worker per thread; the workers take the experts, largest
+// first, from a shared counter (greedy list scheduling, which also absorbs a thread that the
+// machine slows down), each running its expert single-threaded. Otherwise one worker runs every
+// expert in order, with threaded GEMMs and row loops. An expert's results do not depend on which
+// worker runs it.
 struct Schedule {
   bool parallel = false;
-  std::vector<std::vector<int64_t>> work;  // work[w]: experts of worker w, in order
+  int64_t workers = 1;
+  std::vector<int64_t> order;  // experts in the order they are taken
   int64_t max_rows = 0;
 };
 
@@ -85,47 +90,42 @@ Schedule make_schedule(const int64_t* off, int64_t n_exp) {
   Schedule s;
   const int64_t threads = at::get_num_threads();
   const int64_t total = off[n_exp];
-  std::vector<int64_t> order(n_exp);
-  std::iota(order.begin(), order.end(), 0);
+  s.order.resize(n_exp);
+  std::iota(s.order.begin(), s.order.end(), 0);
   for (int64_t e = 0; e < n_exp; ++e) s.max_rows = std::max(s.max_rows, off[e + 1] - off[e]);
   if (threads > 1 && n_exp >= 2 * threads && !at::in_parallel_region()) {
-    // Largest expert first, each to the least loaded worker (ties: lowest index). Deterministic.
+    std::vector<int64_t> order = s.order;
     std::stable_sort(order.begin(), order.end(),
                      [&](int64_t a, int64_t b) { return off[a + 1] - off[a] > off[b + 1] - off[b]; });
-    std::vector<std::vector<int64_t>> work(threads);
+    // Parallel experts pay off when, dealt largest first to the least loaded worker, the busiest
+    // worker carries at most 1.25x an even share of the rows.
     std::vector<int64_t> load(threads, 0);
-    for (int64_t e : order) {
-      const int64_t w = std::min_element(load.begin(), load.end()) - load.begin();
-      work[w].push_back(e);
-      load[w] += off[e + 1] - off[e];
-    }
-    // Parallel experts pay off when the busiest worker carries at most 1.25x an even share.
+    for (int64_t e : order) *std::min_element(load.begin(), load.end()) += off[e + 1] - off[e];
     const int64_t busiest = *std::max_element(load.begin(), load.end());
     if (4 * busiest * threads <= 5 * total) {
       s.parallel = true;
-      s.work = std::move(work);
-      return s;
+      s.workers = threads;
+      s.order = std::move(order);
     }
   }
-  s.work.assign(1, std::vector<int64_t>(order.begin(), order.end()));
-  std::sort(s.work[0].begin(), s.work[0].end());
   return s;
 }
 
-// Runs f(e, w) for every expert e on worker w (see Schedule).
+// Runs f(e, w) for every expert e, on worker w (see Schedule).
 template <typename F>
 void run_experts(const Schedule& s, const F& f) {
   if (!s.parallel) {
-    for (int64_t e : s.work[0]) f(e, 0);
+    for (int64_t e : s.order) f(e, 0);
     return;
   }
-  const int64_t workers = static_cast<int64_t>(s.work.size());
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(s.order.size());
+  at::parallel_for(0, s.workers, 1, [&](int64_t begin, int64_t end) {
     // Worker threads do not inherit the caller's dispatch state: keep autograd out of the ATen
     // calls of the raw kernel, as the custom op's caller does on its own thread.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t w = begin; w < end; ++w)
-      for (int64_t e : s.work[w]) f(e, w);
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(s.order[i], w);
   });
 }
 
@@ -351,7 +351,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     if (n > 0 && !use_scatter(n, c)) any_textbook = true;
     if (n == 0 || !use_scatter(n, c)) xcov[e].zero_();
   }
-  Scratch scr(static_cast<int64_t>(sched.work.size()), sched.max_rows, c, hdim, opts, any_textbook);
+  Scratch scr(sched.workers, sched.max_rows, c, hdim, opts, any_textbook);
   run_experts(sched, [&](int64_t e, int64_t wk) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
     if (n == 0) return;
@@ -456,7 +456,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   // Per worker: [W | H], an expert's gated rows and their hidden rows side by side (rows c + hdim
   // apart), so that q = [W_c | dh] [k P; A] is one GEMM; and q.
   const int64_t ld = c + hdim;
-  const int64_t workers = static_cast<int64_t>(sched.work.size());
+  const int64_t workers = sched.workers;
   std::vector<Tensor> wh_buf, q_buf;
   for (int64_t i = 0; i < workers; ++i) {
     wh_buf.push_back(at::empty({sched.max_rows, ld}, opts));
