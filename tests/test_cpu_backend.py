@@ -43,6 +43,7 @@ CASES = [
     (333, 130, 4, 16, "empty_and_single"),
     (700, 130, 2, 16, "random"),  # many rows per expert: the scatter-matrix route, bands of 64 + 2
     (1200, 256, 3, 32, "random"),  # the scatter-matrix route at the benchmark's c
+    (3000, 40, 4, 5, "random"),  # experts in parallel, q of the backward in several chunks of rows
 ]
 
 

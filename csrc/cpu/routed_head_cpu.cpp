@@ -154,6 +154,9 @@ void for_each_tile(int64_t n, const F& f) {
 // lie scattered over x, which the hardware prefetcher cannot guess.
 constexpr int64_t kPrefetchRows = 4;
 
+// Rows of q a worker forms at a time in the backward: (256, c) fp32 stays in a core's L2.
+constexpr int64_t kQChunkRows = 256;
+
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t c) {
   const int64_t per_line = std::max<int64_t>(1, 64 / static_cast<int64_t>(sizeof(scalar_t)));
@@ -231,16 +234,17 @@ CALGAN_CPU_CLONES void lrelu_tile(acc_t* h, int64_t hdim, int64_t r0, int64_t r1
 // The input gradients of rows r0..r1 of one expert, scattered to pixel order: with
 // q_r + ota = O^T dy_r, dx = g (q_r + ota) and dgate = (q_r + ota) . x. The dot product reads x
 // back from the expert's centred block (x = (w_c + x̄) / g), not from scattered rows of x; rows with
-// g = 0 read x itself.
+// g = 0 read x itself. q holds rows q_row0 onwards (the backward forms q by chunks of rows).
 template <typename scalar_t, typename acc_t>
-CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, const acc_t* ota, const acc_t* wc, int64_t ld, const acc_t* xbar,
+CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, int64_t q_row0, const acc_t* ota, const acc_t* wc, int64_t ld,
+                                       const acc_t* xbar,
                                        const scalar_t* xp, const int64_t* perm, const acc_t* gate, int64_t c,
                                        int64_t r0, int64_t r1, scalar_t* dx, acc_t* dgate) {
   for (int64_t r = r0; r < r1; ++r) {
     if (r + kPrefetchRows < r1) prefetch_row_for_write(dx + perm[r + kPrefetchRows] * c, c);
     const int64_t p = perm[r];
     const acc_t g = gate[p];
-    const acc_t* qr = q + r * c;
+    const acc_t* qr = q + (r - q_row0) * c;
     const acc_t* wr = wc + r * ld;
     scalar_t* dst = dx + p * c;
     // Eight running partial sums (a fixed order) let the compiler vectorise the dot product.
@@ -495,6 +499,15 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     Tensor dpe = dproj[e];
     at::mm_out(dpe, W1e.t(), D);
     dpe.addr_(a, xb, 1, nf);
+    const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
+    const acc_t* otap = ota.data_ptr<acc_t>();
+    const acc_t* xbp = xb.data_ptr<acc_t>();
+    const acc_t* qp = Q.data_ptr<acc_t>();
+    auto input_grads = [&](int64_t r_lo, int64_t r_hi) {
+      for_each_tile(r_hi - r_lo, [&](int64_t, int64_t r0, int64_t r1) {
+        input_grad_tile<scalar_t, acc_t>(qp, r_lo, otap, wp, ld, xbp, xp, pe, gp, c, r_lo + r0, r_lo + r1, dxp, dgp);
+      });
+    };
     if (k != acc_t(0) && use_scatter(n, c)) {
       // k O S = k T (T from the forward); q = dh A + k W_c P = [W_c | dh] [k P; A].
       dpe.add_(T[e], k);
@@ -503,8 +516,18 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       scatter_matrix(Oe, KP);  // O^T O, symmetric
       KP.mul_(k);
       KPA.narrow(0, c, hdim).copy_(A);
-      at::mm_out(Q, WH, KPA);
-    } else if (k != acc_t(0)) {
+      // On a worker (single-threaded GEMMs), q by chunks of rows whose input gradients are written
+      // while the chunk is still in cache; with threaded GEMMs, q in one piece.
+      const int64_t chunk = at::in_parallel_region() ? kQChunkRows : n;
+      for (int64_t r = 0; r < n; r += chunk) {
+        const int64_t len = std::min(chunk, n - r);
+        Tensor Qc = Q.narrow(0, 0, len);
+        at::mm_out(Qc, WH.narrow(0, r, len), KPA);
+        input_grads(r, r + len);
+      }
+      return;
+    }
+    if (k != acc_t(0)) {
       at::mm_out(Q, H, A);
       // Few rows: the same terms through Y_c = W_c O^T: O S = Y_c^T W_c and W_c P = Y_c O.
       const Tensor yc = at::mm(W, Oe.t());
@@ -513,13 +536,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     } else {
       at::mm_out(Q, H, A);
     }
-    const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
-    const acc_t* qp = Q.data_ptr<acc_t>();
-    const acc_t* otap = ota.data_ptr<acc_t>();
-    const acc_t* xbp = xb.data_ptr<acc_t>();
-    for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) {
-      input_grad_tile<scalar_t, acc_t>(qp, otap, wp, ld, xbp, xp, pe, gp, c, r0, r1, dxp, dgp);
-    });
+    input_grads(0, n);
   });
   const auto st = x.scalar_type();
   return {dx, dgate.to(gate.scalar_type()), dproj.to(st), dw1.to(st), db1.to(st), dw2.to(st), db2.to(st)};
