@@ -43,7 +43,7 @@ CASES = [
     (333, 130, 4, 16, "empty_and_single"),
     (700, 130, 2, 16, "random"),  # many rows per expert: the scatter-matrix route, bands of 64 + 2
     (1200, 256, 3, 32, "random"),  # the scatter-matrix route at the benchmark's c
-    (3000, 40, 4, 5, "random"),  # experts in parallel, q of the backward in several chunks of rows
+    (3000, 40, 4, 5, "random"),  # with 2 threads: experts in parallel, q in chunks of rows
 ]
 
 
@@ -110,6 +110,22 @@ ROUTES = {"textbook-route": (60, 130), "scatter-route": (900, 130)}
 
 
 @pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("gate", [1e-6, 0.5])
+def test_small_gates_keep_dgate_accurate(route, gate):
+    """dgate = O^T dy . x must not lose digits when the gated rows are small next to the expert mean."""
+    m, c = ROUTES[route]
+    inputs = list(make_inputs(m, c, 3, seed=5))
+    inputs[0] = inputs[0] + 3.0  # an offset: the expert means are large next to the small gated rows
+    inputs[2][::2] = gate
+    inputs = [t.requires_grad_(True) if t.is_floating_point() else t for t in inputs]
+    out, grads = _run(inputs, "cpu")
+    out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
+    dgate, dgate_ref = grads[1].double(), grads_ref[1]
+    err = ((dgate - dgate_ref).abs() / (dgate_ref.abs() + 1e-3)).max().item()
+    assert err < 1e-3, f"dgate: max relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("route", ROUTES)
 def test_zero_gates(route):
     """Rows with gate 0 (y = 0) still get dgate = O^T dy . x: the backward reads their x rows."""
     m, c = ROUTES[route]
@@ -138,10 +154,12 @@ def test_statistics_of_tiny_experts():
     torch.testing.assert_close(out.var[2], ((y[0] - y[2]) / 2).square().mean())
 
 
-def test_statistics_stable_with_large_offset():
-    # A large common offset in y: E[y^2] - E[y]^2 in fp32 would lose the variance entirely.
+@pytest.mark.parametrize("spread", [1e-2, 1e-3])
+def test_statistics_stable_with_large_offset(spread):
+    # A large common offset in y: E[y^2] - E[y]^2 in fp32 would lose the variance entirely, and an
+    # expert mean summed in fp32 would leave an offset in every centred row.
     m, c = 4096, 16
-    x = torch.randn(m, c, dtype=torch.float64) * 1e-2 + 1e3
+    x = (torch.randn(m, c, dtype=torch.float64) * spread + 1e3).float().double()  # exact in fp32
     eye = torch.eye(c, dtype=torch.float64)[None]
     args = (x, torch.zeros(m, dtype=torch.long), torch.ones(m, dtype=torch.float64), eye,
             torch.zeros(1, 2, c, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
@@ -232,6 +250,25 @@ def test_deterministic(dtype):
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(one_a, one_b))
+
+
+def test_parallel_experts_with_chunked_q():
+    """Two threads, N >= 2 threads: experts run on workers, and q of the backward is formed in
+    chunks of rows (experts of more than 256 rows); checked against the reference."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        inputs = make_inputs(3000, 40, 4, 5, expert=_expert("random", 3000, 4), requires_grad=True)
+        out, grads = _run(inputs, "cpu")
+        out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
+        out_pt, grads_pt = _run(_leaf(inputs, torch.float32), "torch")
+    finally:
+        torch.set_num_threads(old)
+    for name, a, r, t in zip(NAMES, out + grads, out_ref + grads_ref, out_pt + grads_pt):
+        if name == "count":
+            assert torch.equal(a, r)
+        else:
+            _assert_close_to_ref(name, a, r, t, torch.float32)
 
 
 def test_routing_metadata_op():

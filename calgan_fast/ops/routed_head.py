@@ -94,6 +94,7 @@ def _make_ops(name: str):
     def setup_context(ctx, inputs, output):
         x, expert, gate, proj, w1, b1, w2, b2 = inputs
         _, count, mean, _, perm, offsets, aux = output
+        ctx.mark_non_differentiable(aux)  # per-expert statistics for the backward, not a result
         ctx.save_for_backward(x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, aux)
 
     def backward(ctx, glogits, _gcount, gmean, gvar, _gperm, _goffsets, _gaux):

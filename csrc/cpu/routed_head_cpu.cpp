@@ -9,8 +9,8 @@
 //
 // Algorithm. A stable counting sort groups the rows by expert (perm, offsets). Each expert is then
 // one task: its rows are gathered, gate-scaled, into a contiguous acc block of a per-worker scratch
-// buffer (which also makes strided x and bf16 cheap and keeps the block in cache for every step
-// that follows), and every GEMM runs on that block through ATen (MKL/oneDNN). With enough experts
+// buffer (in fp32 for bf16/fp16 input, and kept in cache for every step that follows; x with
+// non-contiguous rows is first copied once to contiguous rows), and every GEMM runs on that block through ATen (MKL/oneDNN). With enough experts
 // to balance, the threads take the experts, largest first, from a shared counter and run each
 // single-threaded, one parallel region per call; otherwise they run in order and ATen threads
 // each GEMM and row loop. Row loops run over fixed tiles of kTileRows rows and every reduction is
@@ -30,7 +30,7 @@
 // handed to the backward as the `xcov` output (a per-expert statistic, no activation). One
 // forward+backward then costs about 2.4 (M, c) x (c, c) GEMMs (forward: S, the hdim-wide h and one
 // c^3 product per expert; backward: the dx GEMM, the hdim-wide products and P, symmetric) instead
-// of the 4.5 of the textbook chain. Experts with few rows (n < 4c/3), where the c^3 terms
+// of the 4.5 of the textbook chain. Experts with few rows (n < 4c/5), where the c^3 terms
 // would dominate, take the textbook route instead: the forward forms Y = W O^T and its statistics
 // by Chan's merge of tile statistics, and the backward the k terms through Y_c = W_c O^T.
 // The classifier reads W uncentred, so a NaN in a row of x stays in that row's logit (and its
@@ -69,7 +69,9 @@ struct AccOf<double> {
 };
 
 // Whether an expert of n rows takes the scatter-matrix route (else the textbook one). Counted in
-// multiply-adds: about 1.6 n c^2 (S by bands, W_c P) + 1.6 c^3 (O S, P by bands) against 4 n c^2.
+// multiply-adds, the terms that differ cost 1.625 n c^2 (S by bands, W_c P) + 1.625 c^3 (O S, P by
+// bands) against 4 n c^2 (Y, Y_c, Y_c^T W_c, Y_c O): even at n = 0.68 c; the threshold 0.8 c leaves
+// room for the lower efficiency of the small c^3 products.
 inline bool use_scatter(int64_t n, int64_t c) { return 5 * n >= 4 * c; }
 
 int64_t n_tiles_of(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
@@ -171,11 +173,15 @@ inline void prefetch_row_for_write(scalar_t* row, int64_t c) {
 }
 
 // Rows r0..r1 of one expert: w[r, :] = gate[perm[r]] * x[perm[r], :] in acc_t (rows ld apart);
-// s (c values) = their column sums.
+// s (c values) = the column sums of the rows minus the tile's first row, which the caller adds
+// back n_tile times in double: the sums of deviations stay accurate in acc_t however large the
+// mean is next to the spread (the expert mean centres the rows of the scatter matrix, and an offset
+// left in it would add n δ δ^T to S).
 template <typename scalar_t, typename acc_t>
 CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate,
                                    int64_t r0, int64_t r1, acc_t* w, int64_t ld, acc_t* s) {
   for (int64_t j = 0; j < c; ++j) s[j] = acc_t(0);
+  const acc_t* first = w + r0 * ld;
   for (int64_t r = r0; r < r1; ++r) {
     if (r + kPrefetchRows < r1) prefetch_row(xp + perm[r + kPrefetchRows] * c, c);
     const int64_t p = perm[r];
@@ -185,7 +191,7 @@ CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t*
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
       dst[j] = g * static_cast<acc_t>(src[j]);
-      s[j] += dst[j];
+      s[j] += dst[j] - first[j];
     }
   }
 }
@@ -203,7 +209,10 @@ void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc
   });
   for (int64_t j = 0; j < c; ++j) {
     double s = 0.0;
-    for (int64_t t = 0; t < nt; ++t) s += static_cast<double>(ts[t * c + j]);
+    for (int64_t t = 0; t < nt; ++t) {
+      const int64_t r0 = t * kTileRows, rows = std::min(n, r0 + kTileRows) - r0;
+      s += static_cast<double>(ts[t * c + j]) + static_cast<double>(rows) * static_cast<double>(w[r0 * ld + j]);
+    }
     xbar[j] = static_cast<acc_t>(s / static_cast<double>(n));
   }
 }
@@ -232,47 +241,40 @@ CALGAN_CPU_CLONES void lrelu_tile(acc_t* h, int64_t hdim, int64_t r0, int64_t r1
 }
 
 // The input gradients of rows r0..r1 of one expert, scattered to pixel order: with
-// q_r + ota = O^T dy_r, dx = g (q_r + ota) and dgate = (q_r + ota) . x. The dot product reads x
-// back from the expert's centred block (x = (w_c + x̄) / g), not from scattered rows of x; rows with
-// g = 0 read x itself. q holds rows q_row0 onwards (the backward forms q by chunks of rows).
+// q_r + ota = O^T dy_r, dx = g (q_r + ota) and dgate = (q_r + ota) . x, with x read from its
+// scattered rows (prefetched ahead, like the rows of dx): rebuilding it from the centred block as
+// (w_c + x̄) / g would lose digits wherever |x| is small next to |x̄| or g is small. q holds rows
+// q_row0 onwards (the backward forms q by chunks of rows).
 template <typename scalar_t, typename acc_t>
-CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, int64_t q_row0, const acc_t* ota, const acc_t* wc, int64_t ld,
-                                       const acc_t* xbar,
-                                       const scalar_t* xp, const int64_t* perm, const acc_t* gate, int64_t c,
-                                       int64_t r0, int64_t r1, scalar_t* dx, acc_t* dgate) {
+CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, int64_t q_row0, const acc_t* ota, const scalar_t* xp,
+                                       const int64_t* perm, const acc_t* gate, int64_t c, int64_t r0, int64_t r1,
+                                       scalar_t* dx, acc_t* dgate) {
   for (int64_t r = r0; r < r1; ++r) {
-    if (r + kPrefetchRows < r1) prefetch_row_for_write(dx + perm[r + kPrefetchRows] * c, c);
+    if (r + kPrefetchRows < r1) {
+      prefetch_row_for_write(dx + perm[r + kPrefetchRows] * c, c);
+      prefetch_row(xp + perm[r + kPrefetchRows] * c, c);
+    }
     const int64_t p = perm[r];
     const acc_t g = gate[p];
     const acc_t* qr = q + (r - q_row0) * c;
-    const acc_t* wr = wc + r * ld;
+    const scalar_t* xr = xp + p * c;
     scalar_t* dst = dx + p * c;
     // Eight running partial sums (a fixed order) let the compiler vectorise the dot product.
     acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t j = 0;
-    if (g != acc_t(0)) {
-      for (; j + 8 <= c; j += 8) {
-        for (int l = 0; l < 8; ++l) {
-          const acc_t v = qr[j + l] + ota[j + l];
-          dst[j + l] = static_cast<scalar_t>(g * v);
-          part[l] += v * (wr[j + l] + xbar[j + l]);
-        }
+    for (; j + 8 <= c; j += 8) {
+      for (int l = 0; l < 8; ++l) {
+        const acc_t v = qr[j + l] + ota[j + l];
+        dst[j + l] = static_cast<scalar_t>(g * v);
+        part[l] += v * static_cast<acc_t>(xr[j + l]);
       }
-      for (; j < c; ++j) {
-        const acc_t v = qr[j] + ota[j];
-        dst[j] = static_cast<scalar_t>(g * v);
-        part[0] += v * (wr[j] + xbar[j]);
-      }
-      dgate[p] = (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) / g;
-    } else {
-      const scalar_t* xr = xp + p * c;
-      for (; j < c; ++j) {
-        const acc_t v = qr[j] + ota[j];
-        dst[j] = static_cast<scalar_t>(acc_t(0));
-        part[j % 8] += v * static_cast<acc_t>(xr[j]);
-      }
-      dgate[p] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
     }
+    for (; j < c; ++j) {
+      const acc_t v = qr[j] + ota[j];
+      dst[j] = static_cast<scalar_t>(g * v);
+      part[0] += v * static_cast<acc_t>(xr[j]);
+    }
+    dgate[p] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   }
 }
 
@@ -501,11 +503,10 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     dpe.addr_(a, xb, 1, nf);
     const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
     const acc_t* otap = ota.data_ptr<acc_t>();
-    const acc_t* xbp = xb.data_ptr<acc_t>();
     const acc_t* qp = Q.data_ptr<acc_t>();
     auto input_grads = [&](int64_t r_lo, int64_t r_hi) {
       for_each_tile(r_hi - r_lo, [&](int64_t, int64_t r0, int64_t r1) {
-        input_grad_tile<scalar_t, acc_t>(qp, r_lo, otap, wp, ld, xbp, xp, pe, gp, c, r_lo + r0, r_lo + r1, dxp, dgp);
+        input_grad_tile<scalar_t, acc_t>(qp, r_lo, otap, xp, pe, gp, c, r_lo + r0, r_lo + r1, dxp, dgp);
       });
     };
     if (k != acc_t(0) && use_scatter(n, c)) {
