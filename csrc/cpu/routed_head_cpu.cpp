@@ -197,8 +197,8 @@ CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t*
 }
 
 // Gathers the n gated rows of one expert into w (n, c; rows ld apart) and returns their mean in
-// xbar (c values): column sums per tile, added in double in tile order, so independent of the
-// thread count.
+// xbar (c values): per tile, the sums of the rows' deviations from the tile's first row; the tiles
+// are added up in double in tile order, so the mean is independent of the thread count.
 template <typename scalar_t, typename acc_t>
 void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, int64_t n, acc_t* w,
                    int64_t ld, acc_t* xbar) {
