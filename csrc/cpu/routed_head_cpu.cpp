@@ -176,10 +176,11 @@ inline void prefetch_row_for_write(scalar_t* row, int64_t c) {
 // s (c values) = the column sums of the rows minus the tile's first row, which the caller adds
 // back n_tile times in double: the sums of deviations stay accurate in acc_t however large the
 // mean is next to the spread (the expert mean centres the rows of the scatter matrix, and an offset
-// left in it would add n δ δ^T to S).
+// left in it would add n δ δ^T to S). With raw, the rows of x themselves (ungated, in acc_t) are
+// kept there too (c apart), for the backward's dgate.
 template <typename scalar_t, typename acc_t>
 CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate,
-                                   int64_t r0, int64_t r1, acc_t* w, int64_t ld, acc_t* s) {
+                                   int64_t r0, int64_t r1, acc_t* w, int64_t ld, acc_t* s, acc_t* raw) {
   for (int64_t j = 0; j < c; ++j) s[j] = acc_t(0);
   const acc_t* first = w + r0 * ld;
   for (int64_t r = r0; r < r1; ++r) {
@@ -193,6 +194,11 @@ CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t*
       dst[j] = g * static_cast<acc_t>(src[j]);
       s[j] += dst[j] - first[j];
     }
+    if (raw != nullptr) {
+      acc_t* out = raw + r * c;
+#pragma omp simd
+      for (int64_t j = 0; j < c; ++j) out[j] = static_cast<acc_t>(src[j]);
+    }
   }
 }
 
@@ -201,11 +207,11 @@ CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t*
 // are added up in double in tile order, so the mean is independent of the thread count.
 template <typename scalar_t, typename acc_t>
 void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, int64_t n, acc_t* w,
-                   int64_t ld, acc_t* xbar) {
+                   int64_t ld, acc_t* xbar, acc_t* raw = nullptr) {
   const int64_t nt = n_tiles_of(n);
   std::vector<acc_t> ts(static_cast<size_t>(nt * c));
   for_each_tile(n, [&](int64_t t, int64_t r0, int64_t r1) {
-    gather_tile<scalar_t, acc_t>(xp, c, perm, gate, r0, r1, w, ld, ts.data() + t * c);
+    gather_tile<scalar_t, acc_t>(xp, c, perm, gate, r0, r1, w, ld, ts.data() + t * c, raw);
   });
   for (int64_t j = 0; j < c; ++j) {
     double s = 0.0;
@@ -241,23 +247,20 @@ CALGAN_CPU_CLONES void lrelu_tile(acc_t* h, int64_t hdim, int64_t r0, int64_t r1
 }
 
 // The input gradients of rows r0..r1 of one expert, scattered to pixel order: with
-// q_r + ota = O^T dy_r, dx = g (q_r + ota) and dgate = (q_r + ota) . x, with x read from its
-// scattered rows (prefetched ahead, like the rows of dx): rebuilding it from the centred block as
-// (w_c + x̄) / g would lose digits wherever |x| is small next to |x̄| or g is small. q holds rows
-// q_row0 onwards (the backward forms q by chunks of rows).
+// q_r + ota = O^T dy_r, dx = g (q_r + ota) and dgate = (q_r + ota) . x, with x from xr, the expert's
+// rows of x as gathered (not rebuilt from the centred block as (w_c + x̄) / g, which would lose
+// digits wherever |x| is small next to |x̄| or g is small). q holds rows q_row0 onwards (the
+// backward forms q by chunks of rows).
 template <typename scalar_t, typename acc_t>
-CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, int64_t q_row0, const acc_t* ota, const scalar_t* xp,
+CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, int64_t q_row0, const acc_t* ota, const acc_t* xr_rows,
                                        const int64_t* perm, const acc_t* gate, int64_t c, int64_t r0, int64_t r1,
                                        scalar_t* dx, acc_t* dgate) {
   for (int64_t r = r0; r < r1; ++r) {
-    if (r + kPrefetchRows < r1) {
-      prefetch_row_for_write(dx + perm[r + kPrefetchRows] * c, c);
-      prefetch_row(xp + perm[r + kPrefetchRows] * c, c);
-    }
+    if (r + kPrefetchRows < r1) prefetch_row_for_write(dx + perm[r + kPrefetchRows] * c, c);
     const int64_t p = perm[r];
     const acc_t g = gate[p];
     const acc_t* qr = q + (r - q_row0) * c;
-    const scalar_t* xr = xp + p * c;
+    const acc_t* xr = xr_rows + r * c;
     scalar_t* dst = dx + p * c;
     // Eight running partial sums (a fixed order) let the compiler vectorise the dot product.
     acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -266,13 +269,13 @@ CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, int64_t q_row0, const acc
       for (int l = 0; l < 8; ++l) {
         const acc_t v = qr[j + l] + ota[j + l];
         dst[j + l] = static_cast<scalar_t>(g * v);
-        part[l] += v * static_cast<acc_t>(xr[j + l]);
+        part[l] += v * xr[j + l];
       }
     }
     for (; j < c; ++j) {
       const acc_t v = qr[j] + ota[j];
       dst[j] = static_cast<scalar_t>(g * v);
-      part[0] += v * static_cast<acc_t>(xr[j]);
+      part[0] += v * xr[j];
     }
     dgate[p] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   }
@@ -463,10 +466,11 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   // apart), so that q = [W_c | dh] [k P; A] is one GEMM; and q.
   const int64_t ld = c + hdim;
   const int64_t workers = sched.workers;
-  std::vector<Tensor> wh_buf, q_buf;
+  std::vector<Tensor> wh_buf, q_buf, xr_buf;
   for (int64_t i = 0; i < workers; ++i) {
     wh_buf.push_back(at::empty({sched.max_rows, ld}, opts));
     q_buf.push_back(at::empty({sched.max_rows, c}, opts));
+    xr_buf.push_back(at::empty({sched.max_rows, c}, opts));  // the expert's rows of x, for dgate
   }
   run_experts(sched, [&](int64_t e, int64_t wk) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
@@ -476,7 +480,8 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     Tensor W = WH.narrow(1, 0, c), H = WH.narrow(1, c, hdim), Q = q_buf[wk].narrow(0, 0, n);
     Tensor xb = at::empty({c}, opts);
     acc_t* wp = W.data_ptr<acc_t>();
-    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, ld, xb.data_ptr<acc_t>());
+    acc_t* xrp = xr_buf[wk].data_ptr<acc_t>();
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, ld, xb.data_ptr<acc_t>(), xrp);
     const Tensor Oe = O[e], W1e = W1[e];
     const Tensor A = at::mm(W1e, Oe);  // (H, c)
     at::addmm_out(H, B1[e], W, A.t());
@@ -506,7 +511,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     const acc_t* qp = Q.data_ptr<acc_t>();
     auto input_grads = [&](int64_t r_lo, int64_t r_hi) {
       for_each_tile(r_hi - r_lo, [&](int64_t, int64_t r0, int64_t r1) {
-        input_grad_tile<scalar_t, acc_t>(qp, r_lo, otap, xp, pe, gp, c, r_lo + r0, r_lo + r1, dxp, dgp);
+        input_grad_tile<scalar_t, acc_t>(qp, r_lo, otap, xrp, pe, gp, c, r_lo + r0, r_lo + r1, dxp, dgp);
       });
     };
     if (k != acc_t(0) && use_scatter(n, c)) {
