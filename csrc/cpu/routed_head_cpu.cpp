@@ -463,7 +463,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
 
   const Schedule sched = make_schedule(off, n_exp);
   // Per worker: [W | H], an expert's gated rows and their hidden rows side by side (rows c + hdim
-  // apart), so that q = [W_c | dh] [k P; A] is one GEMM; and q.
+  // apart), so that q = [W_c | dh] [k P; A] is one GEMM; q; and the expert's rows of x.
   const int64_t ld = c + hdim;
   const int64_t workers = sched.workers;
   std::vector<Tensor> wh_buf, q_buf, xr_buf;
