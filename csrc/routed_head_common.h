@@ -31,7 +31,8 @@ CALGAN_HD T lrelu_grad(T h) {
   return h > T(0) ? T(1) : static_cast<T>(kLReluSlope);
 }
 
-// logit of one row from its hidden pre-activation h (hdim values).
+// logit of one row from its hidden pre-activation h (hdim values); the CUDA epilogue's form (the CPU
+// forward takes the logits of an expert as one GEMV over lrelu(h)).
 template <typename T>
 CALGAN_HD T classifier_logit(const T* h, const T* w2, T b2, int64_t hdim) {
   T s = b2;

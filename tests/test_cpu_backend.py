@@ -9,99 +9,58 @@ import calgan_fast
 from calgan_fast.ops.backends import BACKENDS, resolve_backend
 from calgan_fast.ops.routed_head import backend_ops
 from calgan_fast.reference import routed_head_ref, routing_metadata_ref
-from tests.utils import TOL, grads_of, make_inputs
+from tests.utils import (
+    BASE_CASES,
+    FLOAT_ARGS,
+    OUTPUT_NAMES,
+    TOL,
+    as_leaves,
+    assert_close_to_ref,
+    case_id,
+    expert_ids,
+    make_inputs,
+    run_head,
+)
 
 _ok, _why = BACKENDS["cpu"].available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"cpu backend not built: {_why}")
 
-FLOAT_ARGS = (0, 2, 3, 4, 5, 6, 7)  # positions of x, gate, proj, w1, b1, w2, b2
-
-
-def _expert(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        return torch.randint(0, n, (m,), generator=g)
-    if kind == "one_expert":  # every row on the last expert, the others empty
-        return torch.full((m,), n - 1, dtype=torch.long)
-    if kind == "empty_and_single":  # expert 0 empty, expert 1 one row, the rest random over 2..n-1
-        e = torch.randint(2, n, (m,), generator=g)
-        e[m // 2] = 1
-        return e
-    raise ValueError(kind)
-
-
-# (M, c, N, hdim, expert kind): sizes off any block multiple, c not a power of two, N = 1, prime N,
-# c >= 128 (the scatter matrix by bands) with an odd split, and the benchmark's c, N.
+# BASE_CASES plus the benchmark's c and N, and the scatter-matrix route by bands.
 CASES = [
-    (300, 40, 5, None, "random"),
-    (1, 16, 3, 4, "random"),
-    (257, 24, 1, 7, "random"),
-    (1000, 36, 13, None, "random"),
-    (129, 20, 7, 3, "one_expert"),
-    (200, 32, 6, 5, "empty_and_single"),
+    *BASE_CASES,
     (700, 256, 12, 32, "random"),
-    (333, 130, 4, 16, "empty_and_single"),
     (700, 130, 2, 16, "random"),  # many rows per expert: the scatter-matrix route, bands of 64 + 2
     (1200, 256, 3, 32, "random"),  # the scatter-matrix route at the benchmark's c
     (3000, 40, 4, 5, "random"),  # with 2 threads: experts in parallel, q in chunks of rows
 ]
 
 
-def _ids(case):
-    m, c, n, h, kind = case
-    return f"M{m}-c{c}-N{n}-h{h}-{kind}"
-
-
-def _run(inputs, backend):
-    out = calgan_fast.routed_head(*inputs, backend=backend)
-    floats = [inputs[i] for i in FLOAT_ARGS]
-    return list(out), list(grads_of(out, floats))
-
-
-def _leaf(inputs, dtype):
-    return [t.detach().to(dtype).requires_grad_(True) if t.is_floating_point() else t for t in inputs]
-
-
-def _assert_close_to_ref(name, out, out_ref, out_pt, dtype):
-    """FA's rule: the kernel's error is at most 2x that of plain PyTorch in the same dtype, plus tolerance."""
-    rtol, atol = TOL[dtype]
-    ref = out_ref.double()
-    err = (out.double() - ref).abs().max().item()
-    err_pt = (out_pt.double() - ref).abs().max().item()
-    bound = 2 * err_pt + atol + rtol * ref.abs().max().item()
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (plain PyTorch: {err_pt:.3e})"
-
-
-NAMES = ["logits", "count", "mean", "var", "dx", "dgate", "dproj", "dw1", "db1", "dw2", "db2"]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=_ids)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(case, dtype):
     m, c, n, h, kind = case
-    inputs = make_inputs(m, c, n, h, dtype=dtype, expert=_expert(kind, m, n), requires_grad=True)
-    out, grads = _run(inputs, "cpu")
-    out_pt, grads_pt = _run(_leaf(inputs, dtype), "torch")
-    out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
+    inputs = make_inputs(m, c, n, h, dtype=dtype, expert=expert_ids(kind, m, n), requires_grad=True)
+    out, grads = run_head(inputs, "cpu")
+    out_pt, grads_pt = run_head(as_leaves(inputs, dtype), "torch")
+    out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
     assert out[0].dtype == dtype and out[2].dtype == torch.float32 and out[3].dtype == torch.float32
     assert torch.equal(out[1], out_ref[1]), "count"
-    for i, name in enumerate(NAMES):
+    for i, name in enumerate(OUTPUT_NAMES):
         a, r, p = (out + grads)[i], (out_ref + grads_ref)[i], (out_pt + grads_pt)[i]
         if name == "count":
             continue
         assert a.dtype == p.dtype, f"{name}: dtype {a.dtype}, torch backend gives {p.dtype}"
-        _assert_close_to_ref(name, a, r, p, dtype)
+        assert_close_to_ref(name, a, r, p, dtype)
 
 
-@pytest.mark.parametrize("case", CASES[:6], ids=_ids)
+@pytest.mark.parametrize("case", CASES[:6], ids=case_id)
 def test_fp64_matches_reference(case):
     m, c, n, h, kind = case
-    inputs = make_inputs(m, c, n, h, dtype=torch.float64, expert=_expert(kind, m, n), requires_grad=True)
-    out, grads = _run(inputs, "cpu")
-    out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
+    inputs = make_inputs(m, c, n, h, dtype=torch.float64, expert=expert_ids(kind, m, n), requires_grad=True)
+    out, grads = run_head(inputs, "cpu")
+    out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
     rtol, atol = TOL[torch.float64]
-    for name, a, r in zip(NAMES, out + grads, out_ref + grads_ref):
+    for name, a, r in zip(OUTPUT_NAMES, out + grads, out_ref + grads_ref):
         torch.testing.assert_close(a, r, rtol=rtol, atol=atol, msg=lambda s, nm=name: f"{nm}: {s}")
 
 
@@ -118,8 +77,8 @@ def test_small_gates_keep_dgate_accurate(route, gate):
     inputs[0] = inputs[0] + 3.0  # an offset: the expert means are large next to the small gated rows
     inputs[2][::2] = gate
     inputs = [t.requires_grad_(True) if t.is_floating_point() else t for t in inputs]
-    out, grads = _run(inputs, "cpu")
-    out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
+    out, grads = run_head(inputs, "cpu")
+    out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
     dgate, dgate_ref = grads[1].double(), grads_ref[1]
     err = ((dgate - dgate_ref).abs() / (dgate_ref.abs() + 1e-3)).max().item()
     assert err < 1e-3, f"dgate: max relative error {err:.2e}"
@@ -132,10 +91,10 @@ def test_zero_gates(route):
     inputs = make_inputs(m, c, 3, dtype=torch.float64, seed=3)
     inputs[2][::4] = 0.0
     inputs = [t.requires_grad_(True) if t.is_floating_point() else t for t in inputs]
-    out, grads = _run(inputs, "cpu")
-    out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
+    out, grads = run_head(inputs, "cpu")
+    out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
     rtol, atol = TOL[torch.float64]
-    for name, a, r in zip(NAMES, out + grads, out_ref + grads_ref):
+    for name, a, r in zip(OUTPUT_NAMES, out + grads, out_ref + grads_ref):
         torch.testing.assert_close(a, r, rtol=rtol, atol=atol, msg=lambda s, nm=name: f"{nm}: {s}")
     assert grads[1][::4].abs().max() > 0  # dgate of the zero-gate rows is not trivially zero
 
@@ -193,8 +152,8 @@ def test_non_contiguous_x():
     for t in (gate, proj, w1, b1, w2, b2):
         t.requires_grad_(True)
     inputs = [x, expert, gate, proj, w1, b1, w2, b2]
-    out, grads = _run(inputs, "cpu")
-    out_c, grads_c = _run(_leaf([x.contiguous(), *inputs[1:]], torch.float32), "cpu")
+    out, grads = run_head(inputs, "cpu")
+    out_c, grads_c = run_head(as_leaves([x.contiguous(), *inputs[1:]], torch.float32), "cpu")
     for a, b in zip(out + grads, out_c + grads_c):
         assert torch.equal(a, b)
     # A column-sliced view too.
@@ -206,7 +165,7 @@ def test_non_contiguous_x():
 
 
 def test_gradcheck_fp64():
-    inputs = make_inputs(37, 12, 4, 5, dtype=torch.float64, expert=_expert("empty_and_single", 37, 4),
+    inputs = make_inputs(37, 12, 4, 5, dtype=torch.float64, expert=expert_ids("empty_and_single", 37, 4),
                          requires_grad=True)
     expert = inputs[1]
 
@@ -232,7 +191,7 @@ def test_double_backward_fails_loudly():
 
 
 def _all_outputs(inputs):
-    out, grads = _run(inputs, "cpu")
+    out, grads = run_head(inputs, "cpu")
     return [t.detach().clone() for t in out + grads]
 
 
@@ -240,13 +199,13 @@ def _all_outputs(inputs):
 def test_deterministic(dtype):
     inputs = make_inputs(1500, 256, 12, 32, dtype=dtype, requires_grad=True)
     first = _all_outputs(inputs)
-    second = _all_outputs(_leaf(inputs, dtype))
+    second = _all_outputs(as_leaves(inputs, dtype))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_a = _all_outputs(_leaf(inputs, dtype))
-        one_b = _all_outputs(_leaf(inputs, dtype))
+        one_a = _all_outputs(as_leaves(inputs, dtype))
+        one_b = _all_outputs(as_leaves(inputs, dtype))
     finally:
         torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(one_a, one_b))
@@ -258,17 +217,17 @@ def test_parallel_experts_with_chunked_q():
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        inputs = make_inputs(3000, 40, 4, 5, expert=_expert("random", 3000, 4), requires_grad=True)
-        out, grads = _run(inputs, "cpu")
-        out_ref, grads_ref = _run(_leaf(inputs, torch.float64), "reference")
-        out_pt, grads_pt = _run(_leaf(inputs, torch.float32), "torch")
+        inputs = make_inputs(3000, 40, 4, 5, expert=expert_ids("random", 3000, 4), requires_grad=True)
+        out, grads = run_head(inputs, "cpu")
+        out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
+        out_pt, grads_pt = run_head(as_leaves(inputs, torch.float32), "torch")
     finally:
         torch.set_num_threads(old)
-    for name, a, r, t in zip(NAMES, out + grads, out_ref + grads_ref, out_pt + grads_pt):
+    for name, a, r, t in zip(OUTPUT_NAMES, out + grads, out_ref + grads_ref, out_pt + grads_pt):
         if name == "count":
             assert torch.equal(a, r)
         else:
-            _assert_close_to_ref(name, a, r, t, torch.float32)
+            assert_close_to_ref(name, a, r, t, torch.float32)
 
 
 def test_routing_metadata_op():
@@ -365,7 +324,7 @@ def test_bad_routing_metadata_in_backward_raises():
 def test_opcheck():
     fwd, bwd = backend_ops("cpu")
     for dtype in (torch.float32, torch.float64):
-        inputs = make_inputs(50, 12, 4, 3, dtype=dtype, expert=_expert("empty_and_single", 50, 4),
+        inputs = make_inputs(50, 12, 4, 3, dtype=dtype, expert=expert_ids("empty_and_single", 50, 4),
                              requires_grad=True)
         torch.library.opcheck(fwd, tuple(inputs))
         _, count, mean, _, perm, offsets, aux = fwd(*inputs)
@@ -388,5 +347,5 @@ def test_autocast_does_not_recast_the_kernel():
     inputs = make_inputs(600, 64, 6, 8, requires_grad=True)
     plain = _all_outputs(inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = _all_outputs(_leaf(inputs, torch.float32))
+        auto = _all_outputs(as_leaves(inputs, torch.float32))
     assert all(torch.equal(a, b) for a, b in zip(plain, auto))

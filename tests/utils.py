@@ -60,3 +60,64 @@ def grads_of(outputs, inputs, seed=1):
     gv = torch.randn(var.shape, generator=g).to(var)
     loss = (logits.float() * gl.float()).sum() + (mean.float() * gm.float()).sum() + (var.float() * gv.float()).sum()
     return torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+# Shared by the tests of the compiled backends (cpu, cuda) against the reference.
+FLOAT_ARGS = (0, 2, 3, 4, 5, 6, 7)  # positions of x, gate, proj, w1, b1, w2, b2 in make_inputs
+OUTPUT_NAMES = ["logits", "count", "mean", "var", "dx", "dgate", "dproj", "dw1", "db1", "dw2", "db2"]
+
+# (M, c, N, hdim, expert kind): sizes off any block multiple, c not a power of two, N = 1, prime N,
+# every row on one expert, an empty and a single-row expert, c >= 128 with an odd split.
+BASE_CASES = [
+    (300, 40, 5, None, "random"),
+    (1, 16, 3, 4, "random"),
+    (257, 24, 1, 7, "random"),
+    (1000, 36, 13, None, "random"),
+    (129, 20, 7, 3, "one_expert"),
+    (200, 32, 6, 5, "empty_and_single"),
+    (333, 130, 4, 16, "empty_and_single"),
+]
+
+
+def case_id(case) -> str:
+    m, c, n, h, kind = case
+    return f"M{m}-c{c}-N{n}-h{h}-{kind}"
+
+
+def expert_ids(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Expert ids of ``m`` rows over ``n`` experts: ``random``; ``one_expert`` (every row on the
+    last expert, the others empty); ``empty_and_single`` (expert 0 empty, expert 1 one row, the
+    rest random over 2..n-1)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randint(0, n, (m,), generator=g)
+    if kind == "one_expert":
+        return torch.full((m,), n - 1, dtype=torch.long)
+    if kind == "empty_and_single":
+        e = torch.randint(2, n, (m,), generator=g)
+        e[m // 2] = 1
+        return e
+    raise ValueError(kind)
+
+
+def run_head(inputs, backend):
+    """``(outputs, gradients)`` of the routed head on ``inputs`` (as lists, in OUTPUT_NAMES order)."""
+    out = calgan_fast.routed_head(*inputs, backend=backend)
+    return list(out), list(grads_of(out, [inputs[i] for i in FLOAT_ARGS]))
+
+
+def as_leaves(inputs, dtype):
+    """The same inputs as fresh leaves, floats cast to ``dtype``."""
+    return [t.detach().to(dtype).requires_grad_(True) if t.is_floating_point() else t for t in inputs]
+
+
+def assert_close_to_ref(name, out, out_ref, out_pt, dtype):
+    """The kernel's error against the fp64 reference is at most twice that of plain PyTorch in the
+    same dtype (``out_pt``), plus the dtype's tolerance."""
+    rtol, atol = TOL[dtype]
+    ref = out_ref.double()
+    err = (out.double() - ref).abs().max().item()
+    err_pt = (out_pt.double() - ref).abs().max().item()
+    bound = 2 * err_pt + atol + rtol * ref.abs().max().item()
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (plain PyTorch: {err_pt:.3e})"

@@ -71,6 +71,12 @@ def _vgg16_features(state: dict, last: int) -> nn.Sequential:
     return feats.eval().requires_grad_(False)
 
 
+
+def _check_pair(a: Tensor, b: Tensor) -> None:
+    """The two image batches a learned metric compares: (B, 3, H, W) each, of one shape."""
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"a and b: expected two (B, 3, H, W) of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+
 class LPIPS(nn.Module):
     """LPIPS distance (VGG). ``forward(a, b)``: ``(B, 3, H, W)`` in [0, 1] -> ``(B,)``.
 
@@ -108,8 +114,7 @@ class LPIPS(nn.Module):
 
     @torch.no_grad()
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        if a.shape != b.shape or a.dim() != 4:
-            raise ValueError(f"a and b: expected two (B, 3, H, W) of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+        _check_pair(a, b)
         total = a.new_zeros(a.shape[0])
         offset = 0
         for fa, fb, c in zip(self._taps(a), self._taps(b), _VGG16_CHANNELS):
@@ -181,8 +186,7 @@ class DISTS(nn.Module):
 
     @torch.no_grad()
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        if a.shape != b.shape or a.dim() != 4:
-            raise ValueError(f"a and b: expected two (B, 3, H, W) of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+        _check_pair(a, b)
         c1 = c2 = 1e-6
         wsum = self.alpha.sum() + self.beta.sum()
         s1 = s2 = a.new_zeros(a.shape[0])
