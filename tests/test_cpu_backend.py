@@ -130,14 +130,43 @@ def test_statistics_stable_with_large_offset(spread):
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_nan_stays_in_its_row_and_expert(route):
-    """The documented NaN policy: a NaN row of x poisons its logit and its expert's statistics only
-    (on both routes: the scatter-matrix route centres the rows, but its logits read them uncentred)."""
+def test_variance_gradient_stable_with_large_offset(route):
+    """The variance's gradient, alone (glogits = gmean = 0), with rows whose mean is 100x their spread:
+    the kernels form it from rows shifted by an estimate of their mean, so fp32 keeps about the
+    digits of the spread (the dx GEMM on uncentred rows gives 3e-5 on the scatter route here)."""
+    m, c = ROUTES[route]
+    x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(m, c, 3, dtype=torch.float64, seed=11, gate_random=False)
+    x = (x + 100.0).float().double()  # exact in fp32
+
+    def var_grads(dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (x, gate, proj)]
+        out = calgan_fast.routed_head(leaves[0], expert, leaves[1], leaves[2], *(t.to(dtype) for t in (w1, b1, w2, b2)),
+                                      backend="cpu")
+        out.var.sum().backward()
+        return [t.grad.double() for t in leaves]
+
+    for name, a, r in zip(("dx", "dgate", "dproj"), var_grads(torch.float32), var_grads(torch.float64)):
+        err = ((a - r).abs().max() / r.abs().max()).item()
+        assert err < 1e-5, f"{name}: max error {err:.2e} of the largest entry"
+
+
+# Where the NaN row lies in its expert: among the first rows (which set the shift the rows are
+# gathered by, so it falls back to zero) or after them.
+NAN_ROWS = {"first-rows": 7, "later-row": 3 * 200 + 1}
+
+
+@pytest.mark.parametrize("where", NAN_ROWS)
+@pytest.mark.parametrize("route", ROUTES)
+def test_nan_stays_in_its_row_and_expert(route, where):
+    """The documented NaN policy: a NaN row of x poisons its logit and its expert's statistics only,
+    on both routes, wherever it lies among its expert's rows (the rows are gathered minus a shift
+    taken from the expert's first rows, which is zero where one of them is not finite)."""
     m, c = ROUTES[route]
     x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(m, c, 3, 4, seed=8, expert=torch.arange(m) % 3)
-    x[7, 3] = float("nan")  # row 7 goes to expert 1
+    row = NAN_ROWS[where] % m  # both go to expert 1; on the textbook route all of its rows are "first"
+    x[row, 3] = float("nan")
     out = calgan_fast.routed_head(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu")
-    assert torch.isnan(out.logits[7]) and torch.isfinite(out.logits[torch.arange(m) != 7]).all()
+    assert torch.isnan(out.logits[row]) and torch.isfinite(out.logits[torch.arange(m) != row]).all()
     assert torch.isnan(out.mean[1]).any() and torch.isnan(out.var[1])
     assert torch.isfinite(out.mean[[0, 2]]).all() and torch.isfinite(out.var[[0, 2]]).all()
 

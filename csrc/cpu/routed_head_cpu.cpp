@@ -33,8 +33,15 @@
 // of the 4.5 of the textbook chain. Experts with few rows (n < 4c/5), where the c^3 terms
 // would dominate, take the textbook route instead: the forward forms Y = W O^T and its statistics
 // by Chan's merge of tile statistics, and the backward the k terms through Y_c = W_c O^T.
-// The classifier reads W uncentred, so a NaN in a row of x stays in that row's logit (and its
-// expert's statistics), as the reference's does.
+//
+// The rows are gathered minus a shift, the mean of the expert's first kTileRows rows: the block
+// W_s = W - shift then holds deviations of the size of the expert's spread, so neither the scatter
+// matrix (S = W_s^T W_s - n d d^T with d = x̄ - shift) nor the dx GEMM (on [W_s | dh], with
+// -k P d added per row) loses digits to a mean that is large next to that spread, and no separate
+// centring pass is needed; the classifier takes the shift through its bias (h = W_s A^T + b1 +
+// A shift). The backward keeps the expert's rows of x beside the block for dgate. A NaN in a row
+// of x stays in that row's logit and its expert's statistics, as the reference's does (where one
+// of the first rows is not finite, the shift is zero instead).
 
 #include "routed_head_cpu.h"
 
@@ -45,9 +52,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "routed_head_checks.h"
 #include "routed_head_common.h"
@@ -172,17 +184,17 @@ inline void prefetch_row_for_write(scalar_t* row, int64_t c) {
   for (int64_t j = 0; j < c; j += per_line) __builtin_prefetch(row + j, 1);
 }
 
-// Rows r0..r1 of one expert: w[r, :] = gate[perm[r]] * x[perm[r], :] in acc_t (rows ld apart);
-// s (c values) = the column sums of the rows minus the tile's first row, which the caller adds
-// back n_tile times in double: the sums of deviations stay accurate in acc_t however large the
-// mean is next to the spread (the expert mean centres the rows of the scatter matrix, and an offset
-// left in it would add n δ δ^T to S). With raw, the rows of x themselves (ungated, in acc_t) are
-// kept there too (c apart), for the backward's dgate.
+// Rows r0..r1 of one expert: v_r = gate[perm[r]] * x[perm[r], :] in acc_t, written to w (rows ld
+// apart) minus shift; s (c values) = the column sums of v_r - shift. The shift is the mean of the
+// expert's first rows (see expert_shift), so the sums, the shifted rows and the scatter matrix
+// built from them hold deviations of the size of the expert's spread, however large its mean is
+// next to that spread. With raw, the rows of x themselves (ungated, in acc_t) are kept there too
+// (c apart), for the backward's dgate.
 template <typename scalar_t, typename acc_t>
 CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate,
-                                   int64_t r0, int64_t r1, acc_t* w, int64_t ld, acc_t* s, acc_t* raw) {
+                                   int64_t r0, int64_t r1, const acc_t* shift, acc_t* w, int64_t ld, acc_t* s,
+                                   acc_t* raw) {
   for (int64_t j = 0; j < c; ++j) s[j] = acc_t(0);
-  const acc_t* first = w + r0 * ld;
   for (int64_t r = r0; r < r1; ++r) {
     if (r + kPrefetchRows < r1) prefetch_row(xp + perm[r + kPrefetchRows] * c, c);
     const int64_t p = perm[r];
@@ -191,8 +203,9 @@ CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t*
     acc_t* dst = w + r * ld;
 #pragma omp simd
     for (int64_t j = 0; j < c; ++j) {
-      dst[j] = g * static_cast<acc_t>(src[j]);
-      s[j] += dst[j] - first[j];
+      const acc_t d = g * static_cast<acc_t>(src[j]) - shift[j];
+      dst[j] = d;
+      s[j] += d;
     }
     if (raw != nullptr) {
       acc_t* out = raw + r * c;
@@ -202,39 +215,42 @@ CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t*
   }
 }
 
-// Gathers the n gated rows of one expert into w (n, c; rows ld apart) and returns their mean in
-// xbar (c values): per tile, the sums of the rows' deviations from the tile's first row; the tiles
-// are added up in double in tile order, so the mean is independent of the thread count.
+// The shift of an expert's rows: the mean of its first (up to kTileRows) gated rows, or zero where
+// one of them is not finite (a NaN or infinity there would otherwise spread to every row of the
+// expert, not just its own logit).
 template <typename scalar_t, typename acc_t>
-void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, int64_t n, acc_t* w,
-                   int64_t ld, acc_t* xbar, acc_t* raw = nullptr) {
+void expert_shift(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, int64_t n, acc_t* shift) {
+  const int64_t rows = std::min(n, kTileRows);
+  std::vector<double> sum(static_cast<size_t>(c), 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t p = perm[r];
+    const double g = static_cast<double>(gate[p]);
+    for (int64_t j = 0; j < c; ++j) sum[j] += g * static_cast<double>(xp[p * c + j]);
+  }
+  bool finite = true;
+  for (int64_t j = 0; j < c; ++j) {
+    shift[j] = static_cast<acc_t>(sum[j] / static_cast<double>(rows));
+    finite = finite && std::isfinite(static_cast<double>(shift[j]));
+  }
+  if (!finite) std::fill(shift, shift + c, acc_t(0));
+}
+
+// Gathers the n gated rows of one expert, minus shift, into w (n, c; rows ld apart) and returns
+// in dbar (c values) their mean: the tile sums are added up in double in tile order, so it is
+// independent of the thread count. With raw, keeps the rows of x there (see gather_tile).
+template <typename scalar_t, typename acc_t>
+void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, int64_t n,
+                   const acc_t* shift, acc_t* w, int64_t ld, acc_t* dbar, acc_t* raw = nullptr) {
   const int64_t nt = n_tiles_of(n);
   std::vector<acc_t> ts(static_cast<size_t>(nt * c));
   for_each_tile(n, [&](int64_t t, int64_t r0, int64_t r1) {
-    gather_tile<scalar_t, acc_t>(xp, c, perm, gate, r0, r1, w, ld, ts.data() + t * c, raw);
+    gather_tile<scalar_t, acc_t>(xp, c, perm, gate, r0, r1, shift, w, ld, ts.data() + t * c, raw);
   });
   for (int64_t j = 0; j < c; ++j) {
     double s = 0.0;
-    for (int64_t t = 0; t < nt; ++t) {
-      const int64_t r0 = t * kTileRows, rows = std::min(n, r0 + kTileRows) - r0;
-      s += static_cast<double>(ts[t * c + j]) + static_cast<double>(rows) * static_cast<double>(w[r0 * ld + j]);
-    }
-    xbar[j] = static_cast<acc_t>(s / static_cast<double>(n));
+    for (int64_t t = 0; t < nt; ++t) s += static_cast<double>(ts[t * c + j]);
+    dbar[j] = static_cast<acc_t>(s / static_cast<double>(n));
   }
-}
-
-template <typename acc_t>
-CALGAN_CPU_CLONES void centre_tile(acc_t* w, int64_t ld, int64_t r0, int64_t r1, int64_t c, const acc_t* xbar) {
-  for (int64_t r = r0; r < r1; ++r) {
-    acc_t* row = w + r * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < c; ++j) row[j] -= xbar[j];
-  }
-}
-
-template <typename acc_t>
-void centre_rows(acc_t* w, int64_t ld, int64_t n, int64_t c, const acc_t* xbar) {
-  for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) { centre_tile(w, ld, r0, r1, c, xbar); });
 }
 
 // z = lrelu(h) in place over rows r0..r1 of an (n, hdim) block.
@@ -247,10 +263,10 @@ CALGAN_CPU_CLONES void lrelu_tile(acc_t* h, int64_t hdim, int64_t r0, int64_t r1
 }
 
 // The input gradients of rows r0..r1 of one expert, scattered to pixel order: with
-// q_r + ota = O^T dy_r, dx = g (q_r + ota) and dgate = (q_r + ota) . x, with x from xr, the expert's
-// rows of x as gathered (not rebuilt from the centred block as (w_c + x̄) / g, which would lose
-// digits wherever |x| is small next to |x̄| or g is small). q holds rows q_row0 onwards (the
-// backward forms q by chunks of rows).
+// v_r = q_r + ota = O^T dy_r, dx = g v_r and dgate = v_r . x, with x from xr, the expert's rows of x
+// as gathered (not rebuilt from the shifted rows as (w_s + shift) / g, which would lose digits
+// wherever g x is small next to the shift). q holds rows q_row0 onwards (the backward forms q by
+// chunks of rows).
 template <typename scalar_t, typename acc_t>
 CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, int64_t q_row0, const acc_t* ota, const acc_t* xr_rows,
                                        const int64_t* perm, const acc_t* gate, int64_t c, int64_t r0, int64_t r1,
@@ -326,6 +342,21 @@ struct Scratch {
   }
 };
 
+// Asks the kernel to back the 2 MiB-aligned interior of a large, fresh tensor with huge pages
+// (where transparent huge pages are on for regions that ask): the scattered first writes to it
+// then take a few faults instead of one per 4 KiB page. A hint only; memory already mapped is kept.
+void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + static_cast<uintptr_t>(t.nbytes());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = end & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 // Rows of x as a contiguous (M, c) tensor in x's dtype (a transposed NCHW view gets one copy).
 Tensor rows_contiguous(const Tensor& x) { return x.stride(1) == 1 && x.stride(0) == x.size(1) ? x : x.contiguous(); }
 
@@ -366,12 +397,17 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     if (n == 0) return;
     const int64_t* pe = perm_p + lo;
     Tensor W = scr.w[wk].narrow(0, 0, n), H = scr.h[wk].narrow(0, 0, n);
-    Tensor xbar = at::empty({c}, opts);
+    // The rows are gathered minus a shift (the mean of the expert's first rows), which centres
+    // them well enough for the scatter matrix and Chan's merge to keep their digits; the mean is
+    // the shift plus the mean of the shifted rows.
+    Tensor shift = at::empty({c}, opts), dbar = at::empty({c}, opts);
     acc_t* wp = W.data_ptr<acc_t>();
-    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, c, xbar.data_ptr<acc_t>());
+    expert_shift(xp, c, pe, gp, n, shift.data_ptr<acc_t>());
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, shift.data_ptr<acc_t>(), wp, c, dbar.data_ptr<acc_t>());
     const Tensor Oe = O[e];
-    // Classifier on the uncentred rows: h = W (W1 O)^T + b1.
-    at::addmm_out(H, B1[e], W, at::mm(W1[e], Oe).t());
+    // Classifier: h = W (W1 O)^T + b1 = W_s A^T + (b1 + A shift), W_s the shifted rows.
+    const Tensor A = at::mm(W1[e], Oe);
+    at::addmm_out(H, at::addmv(B1[e], A, shift), W, A.t());
     // logits = lrelu(h) w2 + b2: the activation in place, one GEMV, scattered to pixel order.
     acc_t* hp = H.data_ptr<acc_t>();
     for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) { lrelu_tile(hp, hdim, r0, r1); });
@@ -379,18 +415,19 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     const acc_t* lep = le.data_ptr<acc_t>();
     const acc_t b2e = b2p[e];
     for (int64_t r = 0; r < n; ++r) lg[pe[r]] = lep[r] + b2e;
+    Tensor me = mean[e];
     if (use_scatter(n, c)) {
-      centre_rows(wp, c, n, c, xbar.data_ptr<acc_t>());
+      // S = W_c^T W_c = W_s^T W_s - n d d^T (d = dbar, the mean of the shifted rows);
       // T = O S (the cross-covariance of y and the gated rows); sum |y - mean|^2 = <O, T>.
       Tensor S = at::empty({c, c}, opts), T = xcov[e];
       scatter_matrix(W, S);
+      S.addr_(dbar, dbar, 1, -static_cast<double>(n));
       at::mm_out(T, Oe, S);
       vp[e] = frobenius_dot<acc_t>(Oe, T) / (static_cast<acc_t>(n) * static_cast<acc_t>(c));
-      Tensor me = mean[e];
-      at::mv_out(me, Oe, xbar);
+      at::mv_out(me, Oe, shift.add_(dbar));
       return;
     }
-    // Textbook route: Y = W O^T, statistics per tile merged by Chan's formula in tile order.
+    // Textbook route: Y = W_s O^T, statistics per tile merged by Chan's formula in tile order.
     Tensor Y = scr.q[wk].narrow(0, 0, n);
     at::mm_out(Y, W, Oe.t());
     const acc_t* yp = Y.data_ptr<acc_t>();
@@ -427,6 +464,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
       n_a += n_b;
     }
     vp[e] = m2 / (n_a * static_cast<acc_t>(c));
+    me.addmv_(Oe, shift);  // Y holds y - O shift
   });
   return {logits_acc.to(x.scalar_type()), count, mean, var, perm, offsets, xcov};
 }
@@ -452,8 +490,12 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   const acc_t* gp = G.data_ptr<acc_t>();
 
   Tensor dx = at::empty({m, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  advise_huge_pages(dx);
   Tensor dgate = at::full({m}, std::numeric_limits<acc_t>::quiet_NaN(), opts);
-  Tensor dproj = at::zeros_like(O), dw1 = at::zeros_like(W1), db1 = at::zeros({n_exp, hdim}, opts);
+  Tensor dproj = at::empty_like(O);
+  advise_huge_pages(dproj);
+  dproj.zero_();
+  Tensor dw1 = at::zeros_like(W1), db1 = at::zeros({n_exp, hdim}, opts);
   Tensor dw2 = at::zeros({n_exp, hdim}, opts), db2 = at::zeros({n_exp}, opts);
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   acc_t* dgp = dgate.data_ptr<acc_t>();
@@ -462,8 +504,9 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   acc_t *dw2p = dw2.data_ptr<acc_t>(), *db1p = db1.data_ptr<acc_t>(), *db2p = db2.data_ptr<acc_t>();
 
   const Schedule sched = make_schedule(off, n_exp);
-  // Per worker: [W | H], an expert's gated rows and their hidden rows side by side (rows c + hdim
-  // apart), so that q = [W_c | dh] [k P; A] is one GEMM; q; and the expert's rows of x.
+  // Per worker: [W_s | H], an expert's gated rows (shifted, as in the forward) and their hidden
+  // rows side by side (rows c + hdim apart), so that q = [W_s | dh] [k P; A] is one GEMM; q; and
+  // the expert's rows of x.
   const int64_t ld = c + hdim;
   const int64_t workers = sched.workers;
   std::vector<Tensor> wh_buf, q_buf, xr_buf;
@@ -478,13 +521,16 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     const int64_t* pe = perm_p + lo;
     const Tensor WH = wh_buf[wk].narrow(0, 0, n);
     Tensor W = WH.narrow(1, 0, c), H = WH.narrow(1, c, hdim), Q = q_buf[wk].narrow(0, 0, n);
-    Tensor xb = at::empty({c}, opts);
+    // W holds w - shift; x̄ = shift + dbar, dbar the mean of the shifted rows.
+    Tensor shift = at::empty({c}, opts), dbar = at::empty({c}, opts);
     acc_t* wp = W.data_ptr<acc_t>();
     acc_t* xrp = xr_buf[wk].data_ptr<acc_t>();
-    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, wp, ld, xb.data_ptr<acc_t>(), xrp);
+    expert_shift(xp, c, pe, gp, n, shift.data_ptr<acc_t>());
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, shift.data_ptr<acc_t>(), wp, ld, dbar.data_ptr<acc_t>(), xrp);
+    const Tensor xb = shift + dbar;
     const Tensor Oe = O[e], W1e = W1[e];
     const Tensor A = at::mm(W1e, Oe);  // (H, c)
-    at::addmm_out(H, B1[e], W, A.t());
+    at::addmm_out(H, at::addmv(B1[e], A, shift), W, A.t());
     // Classifier backward: hdim-wide and cheap, run in row order so the sums are reproducible.
     acc_t* hep = H.data_ptr<acc_t>();
     acc_t db2_sum = 0;
@@ -494,10 +540,9 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       classifier_backward_row(hep + r * ld, w2p + e * hdim, gl, hdim, dw2p + e * hdim, db1p + e * hdim);
     }
     db2p[e] = db2_sum;
-    centre_rows(wp, ld, n, c, xb.data_ptr<acc_t>());
-    // D = dh^T W = dh^T W_c + (sum dh) x̄^T; dW1 = D O^T.
+    // D = dh^T W = dh^T W_s + (sum dh) shift^T; dW1 = D O^T.
     Tensor D = at::mm(H.t(), W);
-    D.addr_(db1[e], xb);
+    D.addr_(db1[e], shift);
     Tensor dw1e = dw1[e];
     at::mm_out(dw1e, D, Oe.t());
     const acc_t nf = static_cast<acc_t>(n);
@@ -506,22 +551,25 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     Tensor dpe = dproj[e];
     at::mm_out(dpe, W1e.t(), D);
     dpe.addr_(a, xb, 1, nf);
-    const Tensor ota = at::mv(Oe.t(), a);  // O^T a, the same for every row: added in the scatter
-    const acc_t* otap = ota.data_ptr<acc_t>();
+    // O^T a, and -k P dbar where q is formed from the shifted rows: the same for every row, added as
+    // the input gradients are scattered.
+    Tensor ota = at::mv(Oe.t(), a);
     const acc_t* qp = Q.data_ptr<acc_t>();
     auto input_grads = [&](int64_t r_lo, int64_t r_hi) {
+      const acc_t* otap = ota.data_ptr<acc_t>();
       for_each_tile(r_hi - r_lo, [&](int64_t, int64_t r0, int64_t r1) {
         input_grad_tile<scalar_t, acc_t>(qp, r_lo, otap, xrp, pe, gp, c, r_lo + r0, r_lo + r1, dxp, dgp);
       });
     };
     if (k != acc_t(0) && use_scatter(n, c)) {
-      // k O S = k T (T from the forward); q = dh A + k W_c P = [W_c | dh] [k P; A].
+      // k O S = k T (T from the forward); q = dh A + k W_c P = [W_s | dh] [k P; A] - k P dbar.
       dpe.add_(T[e], k);
       Tensor KPA = at::empty({ld, c}, opts);
       Tensor KP = KPA.narrow(0, 0, c);
       scatter_matrix(Oe, KP);  // O^T O, symmetric
       KP.mul_(k);
       KPA.narrow(0, c, hdim).copy_(A);
+      ota.sub_(at::mv(KP, dbar));
       // On a worker (single-threaded GEMMs), q by chunks of rows whose input gradients are written
       // while the chunk is still in cache; with threaded GEMMs, q in one piece.
       const int64_t chunk = at::in_parallel_region() ? kQChunkRows : n;
@@ -533,14 +581,13 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       }
       return;
     }
+    at::mm_out(Q, H, A);
     if (k != acc_t(0)) {
-      at::mm_out(Q, H, A);
-      // Few rows: the same terms through Y_c = W_c O^T: O S = Y_c^T W_c and W_c P = Y_c O.
-      const Tensor yc = at::mm(W, Oe.t());
-      dpe.addmm_(yc.t(), W, 1, k);
+      // Few rows: the same terms through W_c and Y_c = W_c O^T: O S = Y_c^T W_c and W_c P = Y_c O.
+      const Tensor wc = W - dbar;
+      const Tensor yc = at::mm(wc, Oe.t());
+      dpe.addmm_(yc.t(), wc, 1, k);
       Q.addmm_(yc, Oe, 1, k);
-    } else {
-      at::mm_out(Q, H, A);
     }
     input_grads(0, n);
   });
