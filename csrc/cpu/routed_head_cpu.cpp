@@ -492,10 +492,15 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   Tensor dx = at::empty({m, c}, x.options().memory_format(at::MemoryFormat::Contiguous));
   advise_huge_pages(dx);
   Tensor dgate = at::full({m}, std::numeric_limits<acc_t>::quiet_NaN(), opts);
-  Tensor dproj = at::empty_like(O);
+  // dproj and dw1 are written whole by each expert with rows (zeroed here for the others only).
+  Tensor dproj = at::empty_like(O), dw1 = at::empty_like(W1), db1 = at::zeros({n_exp, hdim}, opts);
   advise_huge_pages(dproj);
-  dproj.zero_();
-  Tensor dw1 = at::zeros_like(W1), db1 = at::zeros({n_exp, hdim}, opts);
+  for (int64_t e = 0; e < n_exp; ++e) {
+    if (off[e + 1] == off[e]) {
+      dproj[e].zero_();
+      dw1[e].zero_();
+    }
+  }
   Tensor dw2 = at::zeros({n_exp, hdim}, opts), db2 = at::zeros({n_exp}, opts);
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   acc_t* dgp = dgate.data_ptr<acc_t>();
