@@ -64,8 +64,15 @@ def test_fp64_matches_reference(case):
         torch.testing.assert_close(a, r, rtol=rtol, atol=atol, msg=lambda s, nm=name: f"{nm}: {s}")
 
 
-# (M, c) with N = 3: experts of about M/3 rows take the scatter-matrix route when 5 n >= 4 c.
-ROUTES = {"textbook-route": (60, 130), "scatter-route": (900, 130)}
+# (M, c) with N = 3: experts of about M/3 rows take the scatter-matrix route when 5 n >= 4 c; the
+# kernels gather an expert's rows minus the mean of up to 128 of them (all of them below 129 rows).
+ROUTES = {"textbook-route": (60, 130), "textbook-route-over-128-rows": (540, 256), "scatter-route": (900, 130)}
+
+
+def shift_rows(n: int) -> set[int]:
+    """The rows of an n-row expert whose mean the kernels take as its shift (spread evenly)."""
+    rows = min(n, 128)
+    return {i * n // rows for i in range(rows)}
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -150,20 +157,42 @@ def test_variance_gradient_stable_with_large_offset(route):
         assert err < 1e-5, f"{name}: max error {err:.2e} of the largest entry"
 
 
-# Where the NaN row lies in its expert: among the first rows (which set the shift the rows are
-# gathered by, so it falls back to zero) or after them.
-NAN_ROWS = {"first-rows": 7, "later-row": 3 * 200 + 1}
+def test_rows_that_drift_within_an_expert():
+    """Each expert's first 128 rows in pixel order lie 50 sigma away from its later ones (as rows of
+    one image after another may): every output and gradient still matches the reference, on the
+    textbook route (180 rows at c = 256) and the scatter-matrix route (400 rows)."""
+    c, sizes = 256, (180, 400)
+    m = sum(sizes)
+    expert = torch.cat([torch.full((k,), e) for e, k in enumerate(sizes)])
+    inputs = list(make_inputs(m, c, 2, dtype=torch.float64, seed=12, expert=expert))
+    first = torch.cat([torch.arange(k) < 128 for k in sizes])
+    inputs[0] = (inputs[0] + 50.0 * first[:, None]).float().double()
+    inputs = [t.float().requires_grad_(True) if t.is_floating_point() else t for t in inputs]
+    out, grads = run_head(inputs, "cpu")
+    out_pt, grads_pt = run_head(as_leaves(inputs, torch.float32), "torch")
+    out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
+    for name, a, r, p in zip(OUTPUT_NAMES, out + grads, out_ref + grads_ref, out_pt + grads_pt):
+        if name != "count":
+            assert_close_to_ref(name, a, r, p, torch.float32)
 
 
-@pytest.mark.parametrize("where", NAN_ROWS)
-@pytest.mark.parametrize("route", ROUTES)
+# Experts of the first route have under 129 rows, all of them sampled for the shift.
+NAN_CASES = [(r, w) for r in ROUTES for w in ("sampled-row", "unsampled-row") if (r, w) != ("textbook-route", "unsampled-row")]
+
+
+@pytest.mark.parametrize(("route", "where"), NAN_CASES, ids=lambda v: v)
 def test_nan_stays_in_its_row_and_expert(route, where):
     """The documented NaN policy: a NaN row of x poisons its logit and its expert's statistics only,
     on both routes, wherever it lies among its expert's rows (the rows are gathered minus a shift
-    taken from the expert's first rows, which is zero where one of them is not finite)."""
+    taken from a sample of the expert's rows, which is zero where one of them is not finite)."""
     m, c = ROUTES[route]
     x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(m, c, 3, 4, seed=8, expert=torch.arange(m) % 3)
-    row = NAN_ROWS[where] % m  # both go to expert 1; on the textbook route all of its rows are "first"
+    # A row of expert 1 (rows p with p % 3 == 1, the k-th of them at p = 3 k + 1) that is, or is
+    # not, among those its shift is taken from.
+    n1 = len(range(1, m, 3))
+    sampled = shift_rows(n1)
+    ks = sorted(sampled) if where == "sampled-row" else sorted(set(range(n1)) - sampled)
+    row = 3 * ks[len(ks) // 2] + 1
     x[row, 3] = float("nan")
     out = calgan_fast.routed_head(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu")
     assert torch.isnan(out.logits[row]) and torch.isfinite(out.logits[torch.arange(m) != row]).all()

@@ -34,14 +34,14 @@
 // would dominate, take the textbook route instead: the forward forms Y = W O^T and its statistics
 // by Chan's merge of tile statistics, and the backward the k terms through Y_c = W_c O^T.
 //
-// The rows are gathered minus a shift, the mean of the expert's first kTileRows rows: the block
+// The rows are gathered minus a shift, the mean of up to kTileRows of the expert's rows: the block
 // W_s = W - shift then holds deviations of the size of the expert's spread, so neither the scatter
 // matrix (S = W_s^T W_s - n d d^T with d = x̄ - shift) nor the dx GEMM (on [W_s | dh], with
 // -k P d added per row) loses digits to a mean that is large next to that spread, and no separate
 // centring pass is needed; the classifier takes the shift through its bias (h = W_s A^T + b1 +
 // A shift). The backward keeps the expert's rows of x beside the block for dgate. A NaN in a row
 // of x stays in that row's logit and its expert's statistics, as the reference's does (where one
-// of the first rows is not finite, the shift is zero instead).
+// of the sampled rows is not finite, the shift is zero instead).
 
 #include "routed_head_cpu.h"
 
@@ -185,9 +185,9 @@ inline void prefetch_row_for_write(scalar_t* row, int64_t c) {
 }
 
 // Rows r0..r1 of one expert: v_r = gate[perm[r]] * x[perm[r], :] in acc_t, written to w (rows ld
-// apart) minus shift; s (c values) = the column sums of v_r - shift. The shift is the mean of the
-// expert's first rows (see expert_shift), so the sums, the shifted rows and the scatter matrix
-// built from them hold deviations of the size of the expert's spread, however large its mean is
+// apart) minus shift; s (c values) = the column sums of v_r - shift. The shift is the mean of a
+// sample of the expert's rows (see expert_shift), so the sums, the shifted rows and the scatter
+// matrix built from them hold deviations of the size of the expert's spread, however large its mean is
 // next to that spread. With raw, the rows of x themselves (ungated, in acc_t) are kept there too
 // (c apart), for the backward's dgate.
 template <typename scalar_t, typename acc_t>
@@ -215,15 +215,17 @@ CALGAN_CPU_CLONES void gather_tile(const scalar_t* xp, int64_t c, const int64_t*
   }
 }
 
-// The shift of an expert's rows: the mean of its first (up to kTileRows) gated rows, or zero where
-// one of them is not finite (a NaN or infinity there would otherwise spread to every row of the
-// expert, not just its own logit).
+// The shift of an expert's rows: the mean of kTileRows of its gated rows spread evenly over the
+// expert (all of them if it has fewer), or zero where one of those is not finite (a NaN or
+// infinity there would otherwise spread to every row of the expert, not just its own logit).
+// Spread, not the first ones: rows in pixel order may drift (one image after another), and the
+// closer the shift to the mean, the fewer digits the shifted rows lose.
 template <typename scalar_t, typename acc_t>
 void expert_shift(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, int64_t n, acc_t* shift) {
   const int64_t rows = std::min(n, kTileRows);
   std::vector<double> sum(static_cast<size_t>(c), 0.0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t p = perm[r];
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t p = perm[i * n / rows];
     const double g = static_cast<double>(gate[p]);
     for (int64_t j = 0; j < c; ++j) sum[j] += g * static_cast<double>(xp[p * c + j]);
   }
@@ -236,11 +238,12 @@ void expert_shift(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_
 }
 
 // Gathers the n gated rows of one expert, minus shift, into w (n, c; rows ld apart) and returns
-// in dbar (c values) their mean: the tile sums are added up in double in tile order, so it is
-// independent of the thread count. With raw, keeps the rows of x there (see gather_tile).
+// in dbar (c values) their mean and in xbar the mean of the gated rows (shift + dbar, rounded once):
+// the tile sums are added up in double in tile order, so both are independent of the thread count.
+// With raw, keeps the rows of x there (see gather_tile).
 template <typename scalar_t, typename acc_t>
 void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc_t* gate, int64_t n,
-                   const acc_t* shift, acc_t* w, int64_t ld, acc_t* dbar, acc_t* raw = nullptr) {
+                   const acc_t* shift, acc_t* w, int64_t ld, acc_t* dbar, acc_t* xbar, acc_t* raw = nullptr) {
   const int64_t nt = n_tiles_of(n);
   std::vector<acc_t> ts(static_cast<size_t>(nt * c));
   for_each_tile(n, [&](int64_t t, int64_t r0, int64_t r1) {
@@ -249,7 +252,9 @@ void gather_expert(const scalar_t* xp, int64_t c, const int64_t* perm, const acc
   for (int64_t j = 0; j < c; ++j) {
     double s = 0.0;
     for (int64_t t = 0; t < nt; ++t) s += static_cast<double>(ts[t * c + j]);
-    dbar[j] = static_cast<acc_t>(s / static_cast<double>(n));
+    const double d = s / static_cast<double>(n);
+    dbar[j] = static_cast<acc_t>(d);
+    xbar[j] = static_cast<acc_t>(static_cast<double>(shift[j]) + d);
   }
 }
 
@@ -343,8 +348,8 @@ struct Scratch {
 };
 
 // Asks the kernel to back the 2 MiB-aligned interior of a large, fresh tensor with huge pages
-// (where transparent huge pages are on for regions that ask): the scattered first writes to it
-// then take a few faults instead of one per 4 KiB page. A hint only; memory already mapped is kept.
+// (where transparent huge pages are on for regions that ask): the first writes to it (scattered,
+// for dx) then take a few faults instead of one per 4 KiB page. A hint only; memory already mapped is kept.
 void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
@@ -397,13 +402,14 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     if (n == 0) return;
     const int64_t* pe = perm_p + lo;
     Tensor W = scr.w[wk].narrow(0, 0, n), H = scr.h[wk].narrow(0, 0, n);
-    // The rows are gathered minus a shift (the mean of the expert's first rows), which centres
+    // The rows are gathered minus a shift (the mean of a sample of the expert's rows), which centres
     // them well enough for the scatter matrix and Chan's merge to keep their digits; the mean is
     // the shift plus the mean of the shifted rows.
-    Tensor shift = at::empty({c}, opts), dbar = at::empty({c}, opts);
+    Tensor shift = at::empty({c}, opts), dbar = at::empty({c}, opts), xbar = at::empty({c}, opts);
     acc_t* wp = W.data_ptr<acc_t>();
     expert_shift(xp, c, pe, gp, n, shift.data_ptr<acc_t>());
-    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, shift.data_ptr<acc_t>(), wp, c, dbar.data_ptr<acc_t>());
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, shift.data_ptr<acc_t>(), wp, c, dbar.data_ptr<acc_t>(),
+                                   xbar.data_ptr<acc_t>());
     const Tensor Oe = O[e];
     // Classifier: h = W (W1 O)^T + b1 = W_s A^T + (b1 + A shift), W_s the shifted rows.
     const Tensor A = at::mm(W1[e], Oe);
@@ -424,7 +430,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
       S.addr_(dbar, dbar, 1, -static_cast<double>(n));
       at::mm_out(T, Oe, S);
       vp[e] = frobenius_dot<acc_t>(Oe, T) / (static_cast<acc_t>(n) * static_cast<acc_t>(c));
-      at::mv_out(me, Oe, shift.add_(dbar));
+      at::mv_out(me, Oe, xbar);
       return;
     }
     // Textbook route: Y = W_s O^T, statistics per tile merged by Chan's formula in tile order.
@@ -527,12 +533,12 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     const Tensor WH = wh_buf[wk].narrow(0, 0, n);
     Tensor W = WH.narrow(1, 0, c), H = WH.narrow(1, c, hdim), Q = q_buf[wk].narrow(0, 0, n);
     // W holds w - shift; x̄ = shift + dbar, dbar the mean of the shifted rows.
-    Tensor shift = at::empty({c}, opts), dbar = at::empty({c}, opts);
+    Tensor shift = at::empty({c}, opts), dbar = at::empty({c}, opts), xb = at::empty({c}, opts);
     acc_t* wp = W.data_ptr<acc_t>();
     acc_t* xrp = xr_buf[wk].data_ptr<acc_t>();
     expert_shift(xp, c, pe, gp, n, shift.data_ptr<acc_t>());
-    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, shift.data_ptr<acc_t>(), wp, ld, dbar.data_ptr<acc_t>(), xrp);
-    const Tensor xb = shift + dbar;
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, shift.data_ptr<acc_t>(), wp, ld, dbar.data_ptr<acc_t>(),
+                                   xb.data_ptr<acc_t>(), xrp);
     const Tensor Oe = O[e], W1e = W1[e];
     const Tensor A = at::mm(W1e, Oe);  // (H, c)
     at::addmm_out(H, at::addmv(B1[e], A, shift), W, A.t());
