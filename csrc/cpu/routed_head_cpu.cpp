@@ -53,8 +53,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <numeric>
+#include <thread>
 #include <vector>
 
 #if defined(__linux__)
@@ -125,9 +127,11 @@ Schedule make_schedule(const int64_t* off, int64_t n_exp) {
   return s;
 }
 
-// Runs f(e, w) for every expert e, on worker w (see Schedule).
-template <typename F>
-void run_experts(const Schedule& s, const F& f) {
+// Runs f(e, w) for every expert e, on worker w (see Schedule); in the parallel schedule each worker
+// then runs tail(w) once no expert is left to take (every expert has been taken by a running
+// worker by then, so tail may wait for the others to finish theirs).
+template <typename F, typename Tail>
+void run_experts(const Schedule& s, const F& f, const Tail& tail) {
   if (!s.parallel) {
     for (int64_t e : s.order) f(e, 0);
     return;
@@ -138,9 +142,114 @@ void run_experts(const Schedule& s, const F& f) {
     // Worker threads do not inherit the caller's dispatch state: keep autograd out of the ATen
     // calls of the raw kernel, as the custom op's caller does on its own thread.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t w = begin; w < end; ++w)
+    for (int64_t w = begin; w < end; ++w) {
       for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(s.order[i], w);
+      tail(w);
+    }
   });
+}
+
+template <typename F>
+void run_experts(const Schedule& s, const F& f) {
+  run_experts(s, f, [](int64_t) {});
+}
+
+// Shares the last experts' work between the workers of the parallel schedule. A worker that has
+// reached a piece of its expert that splits into chunks (row chunks of the backward's q; bands of
+// the scatter matrix and column blocks of T in the forward) publishes them in its slot and takes
+// them one by one; workers left without an expert to take help with the chunks of the others'
+// slots. Chunks are fixed by the expert alone and write disjoint parts of the results, so which
+// worker runs one changes nothing in them. Without it, the worker that finishes first idles while
+// the other runs its last expert alone (up to a tenth of a call with a dozen experts on two threads).
+class ChunkPool {
+ public:
+  ChunkPool(int64_t workers, int64_t experts) : slots_(static_cast<size_t>(workers)), experts_(experts) {}
+
+  // On worker w: runs chunks 0..chunks-1 of fn (a function of (chunk, worker)) with any helpers,
+  // and returns when all of them are done and no helper is still looking at the slot.
+  void run(int64_t w, int64_t chunks, std::function<void(int64_t, int64_t)> fn) {
+    Slot& s = slots_[static_cast<size_t>(w)];
+    s.fn = std::move(fn);
+    s.chunks = chunks;
+    s.next.store(0);
+    s.done.store(0);
+    s.active.store(true);
+    while (take(s, w)) {
+    }
+    while (s.done.load() < chunks && !failed_.load()) std::this_thread::yield();
+    s.active.store(false);
+    // A helper that saw the slot active may still be in take(): the slot is rewritten only after.
+    while (s.users.load() > 0) std::this_thread::yield();
+  }
+
+  // An expert is finished (with or without chunks), or has failed (which ends every wait).
+  void finished() { finished_.fetch_add(1); }
+  void fail() { failed_.store(true); }
+
+  // On worker w with no expert left to take: helps with the others' chunks until every expert is
+  // finished.
+  void help(int64_t w) {
+    while (finished_.load() < experts_ && !failed_.load()) {
+      bool any = false;
+      for (Slot& s : slots_) {
+        s.users.fetch_add(1);
+        const Leave leave{s.users};
+        if (s.active.load()) any = take(s, w) || any;
+      }
+      if (!any) std::this_thread::yield();
+    }
+  }
+
+ private:
+  struct Slot {
+    std::atomic<bool> active{false};
+    std::atomic<int64_t> next{0}, done{0}, users{0};
+    int64_t chunks = 0;
+    std::function<void(int64_t, int64_t)> fn;
+  };
+  struct Leave {
+    std::atomic<int64_t>& users;
+    ~Leave() { users.fetch_sub(1); }
+  };
+
+  // Runs one chunk of s on worker w if one is left. A chunk that throws still counts as done and
+  // marks the pool failed, which ends every wait.
+  bool take(Slot& s, int64_t w) {
+    const int64_t k = s.next.fetch_add(1);
+    if (k >= s.chunks) return false;
+    try {
+      s.fn(k, w);
+    } catch (...) {
+      failed_.store(true);
+      s.done.fetch_add(1);
+      throw;
+    }
+    s.done.fetch_add(1);
+    return true;
+  }
+
+  std::vector<Slot> slots_;
+  const int64_t experts_;
+  std::atomic<int64_t> finished_{0};
+  std::atomic<bool> failed_{false};
+};
+
+// Runs expert(e, w) for every expert e through run_experts, with the workers left without an
+// expert helping through pool with the chunks of the others.
+template <typename F>
+void run_experts_pooled(const Schedule& s, ChunkPool& pool, const F& expert) {
+  run_experts(
+      s,
+      [&](int64_t e, int64_t w) {
+        try {
+          expert(e, w);
+        } catch (...) {
+          pool.fail();
+          throw;
+        }
+        pool.finished();
+      },
+      [&](int64_t w) { pool.help(w); });
 }
 
 // Runs f(t, r0, r1) for the row tiles of an n-row block, in parallel unless already inside a
@@ -305,20 +414,24 @@ CALGAN_CPU_CLONES void input_grad_tile(const acc_t* q, int64_t q_row0, const acc
 // S = W^T W of an (n, c) block into out (c, c), a symmetric rank-n update (which ATen does not
 // offer): one GEMM per band of kGramBlock rows of S, from the diagonal rightwards, mirrored below
 // it. Counted in multiply-adds that is c^2 n (c + kGramBlock) / (2 c) instead of c^2 n, and a
-// band's GEMM is wide enough to keep MKL's packing cheap.
+// band's GEMM is wide enough to keep MKL's packing cheap. The bands write disjoint parts of out.
 constexpr int64_t kGramBlock = 64;
-void scatter_matrix(const Tensor& w, Tensor out) {
+int64_t scatter_bands(int64_t c) { return c < 2 * kGramBlock ? 1 : (c + kGramBlock - 1) / kGramBlock; }
+
+void scatter_band(const Tensor& w, Tensor& out, int64_t b) {
   const int64_t c = w.size(1);
   if (c < 2 * kGramBlock) {
     at::mm_out(out, w.t(), w);
     return;
   }
-  for (int64_t i0 = 0; i0 < c; i0 += kGramBlock) {
-    const int64_t ci = std::min(kGramBlock, c - i0);
-    const Tensor band = at::mm(w.narrow(1, i0, ci).t(), w.narrow(1, i0, c - i0));  // (ci, c - i0)
-    out.narrow(0, i0, ci).narrow(1, i0, c - i0).copy_(band);
-    if (c - i0 > ci) out.narrow(0, i0 + ci, c - i0 - ci).narrow(1, i0, ci).copy_(band.narrow(1, ci, c - i0 - ci).t());
-  }
+  const int64_t i0 = b * kGramBlock, ci = std::min(kGramBlock, c - i0);
+  const Tensor band = at::mm(w.narrow(1, i0, ci).t(), w.narrow(1, i0, c - i0));  // (ci, c - i0)
+  out.narrow(0, i0, ci).narrow(1, i0, c - i0).copy_(band);
+  if (c - i0 > ci) out.narrow(0, i0 + ci, c - i0 - ci).narrow(1, i0, ci).copy_(band.narrow(1, ci, c - i0 - ci).t());
+}
+
+void scatter_matrix(const Tensor& w, Tensor out) {
+  for (int64_t b = 0; b < scatter_bands(w.size(1)); ++b) scatter_band(w, out, b);
 }
 
 // <P, S> of two (c, c) matrices, summed in double in a fixed order.
@@ -397,7 +510,8 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     if (n == 0 || !use_scatter(n, c)) xcov[e].zero_();
   }
   Scratch scr(sched.workers, sched.max_rows, c, hdim, opts, any_textbook);
-  run_experts(sched, [&](int64_t e, int64_t wk) {
+  ChunkPool pool(sched.workers, n_exp);
+  auto expert_forward = [&](int64_t e, int64_t wk) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
     if (n == 0) return;
     const int64_t* pe = perm_p + lo;
@@ -426,9 +540,20 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
       // S = W_c^T W_c = W_s^T W_s - n d d^T (d = dbar, the mean of the shifted rows);
       // T = O S (the cross-covariance of y and the gated rows); sum |y - mean|^2 = <O, T>.
       Tensor S = at::empty({c, c}, opts), T = xcov[e];
-      scatter_matrix(W, S);
-      S.addr_(dbar, dbar, 1, -static_cast<double>(n));
-      at::mm_out(T, Oe, S);
+      if (sched.parallel) {
+        // The bands of S, then T by blocks of its columns, shared with workers out of experts.
+        pool.run(wk, scatter_bands(c), [&W, &S](int64_t b, int64_t) { scatter_band(W, S, b); });
+        S.addr_(dbar, dbar, 1, -static_cast<double>(n));
+        pool.run(wk, (c + kGramBlock - 1) / kGramBlock, [&T, &S, &Oe, c](int64_t b, int64_t) {
+          const int64_t j0 = b * kGramBlock, cj = std::min(kGramBlock, c - j0);
+          Tensor Tb = T.narrow(1, j0, cj);
+          at::mm_out(Tb, Oe, S.narrow(1, j0, cj));
+        });
+      } else {
+        scatter_matrix(W, S);
+        S.addr_(dbar, dbar, 1, -static_cast<double>(n));
+        at::mm_out(T, Oe, S);
+      }
       vp[e] = frobenius_dot<acc_t>(Oe, T) / (static_cast<acc_t>(n) * static_cast<acc_t>(c));
       at::mv_out(me, Oe, xbar);
       return;
@@ -471,7 +596,8 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     }
     vp[e] = m2 / (n_a * static_cast<acc_t>(c));
     me.addmv_(Oe, shift);  // Y holds y - O shift
-  });
+  };
+  run_experts_pooled(sched, pool, expert_forward);
   return {logits_acc.to(x.scalar_type()), count, mean, var, perm, offsets, xcov};
 }
 
@@ -526,7 +652,8 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     q_buf.push_back(at::empty({sched.max_rows, c}, opts));
     xr_buf.push_back(at::empty({sched.max_rows, c}, opts));  // the expert's rows of x, for dgate
   }
-  run_experts(sched, [&](int64_t e, int64_t wk) {
+  ChunkPool pool(workers, n_exp);
+  auto expert_backward = [&](int64_t e, int64_t wk) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
     if (n == 0) return;
     const int64_t* pe = perm_p + lo;
@@ -581,15 +708,20 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       KP.mul_(k);
       KPA.narrow(0, c, hdim).copy_(A);
       ota.sub_(at::mv(KP, dbar));
-      // On a worker (single-threaded GEMMs), q by chunks of rows whose input gradients are written
-      // while the chunk is still in cache; with threaded GEMMs, q in one piece.
-      const int64_t chunk = at::in_parallel_region() ? kQChunkRows : n;
-      for (int64_t r = 0; r < n; r += chunk) {
-        const int64_t len = std::min(chunk, n - r);
-        Tensor Qc = Q.narrow(0, 0, len);
-        at::mm_out(Qc, WH.narrow(0, r, len), KPA);
-        input_grads(r, r + len);
+      if (!sched.parallel) {  // threaded GEMMs: q in one piece
+        at::mm_out(Q, WH, KPA);
+        input_grads(0, n);
+        return;
       }
+      // On a worker (single-threaded GEMMs), q by chunks of rows whose input gradients are written
+      // while the chunk is still in cache, shared with workers that have run out of experts.
+      const acc_t* otap = ota.data_ptr<acc_t>();
+      pool.run(wk, (n + kQChunkRows - 1) / kQChunkRows, [&, WH, KPA, otap, pe, n](int64_t kc, int64_t w) {
+        const int64_t r = kc * kQChunkRows, len = std::min(kQChunkRows, n - r);
+        Tensor Qc = q_buf[w].narrow(0, 0, len);
+        at::mm_out(Qc, WH.narrow(0, r, len), KPA);
+        input_grad_tile<scalar_t, acc_t>(Qc.data_ptr<acc_t>(), r, otap, xrp, pe, gp, c, r, r + len, dxp, dgp);
+      });
       return;
     }
     at::mm_out(Q, H, A);
@@ -601,7 +733,8 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       Q.addmm_(yc, Oe, 1, k);
     }
     input_grads(0, n);
-  });
+  };
+  run_experts_pooled(sched, pool, expert_backward);
   const auto st = x.scalar_type();
   return {dx, dgate.to(gate.scalar_type()), dproj.to(st), dw1.to(st), db1.to(st), dw2.to(st), db2.to(st)};
 }
