@@ -156,7 +156,7 @@ void run_experts(const Schedule& s, const F& f) {
 
 // Shares the last experts' work between the workers of the parallel schedule. A worker that has
 // reached a piece of its expert that splits into chunks (row chunks of the backward's q; bands of
-// the scatter matrix and column blocks of T in the forward) publishes them in its slot and takes
+// the scatter matrix and row blocks of T in the forward) publishes them in its slot and takes
 // them one by one; workers left without an expert to take help with the chunks of the others'
 // slots. Chunks are fixed by the expert alone and write disjoint parts of the results, so which
 // worker runs one changes nothing in them. Without it, the worker that finishes first idles while
@@ -541,13 +541,13 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
       // T = O S (the cross-covariance of y and the gated rows); sum |y - mean|^2 = <O, T>.
       Tensor S = at::empty({c, c}, opts), T = xcov[e];
       if (sched.parallel) {
-        // The bands of S, then T by blocks of its columns, shared with workers out of experts.
+        // The bands of S, then T by blocks of its rows, shared with workers out of experts.
         pool.run(wk, scatter_bands(c), [&W, &S](int64_t b, int64_t) { scatter_band(W, S, b); });
         S.addr_(dbar, dbar, 1, -static_cast<double>(n));
         pool.run(wk, (c + kGramBlock - 1) / kGramBlock, [&T, &S, &Oe, c](int64_t b, int64_t) {
-          const int64_t j0 = b * kGramBlock, cj = std::min(kGramBlock, c - j0);
-          Tensor Tb = T.narrow(1, j0, cj);
-          at::mm_out(Tb, Oe, S.narrow(1, j0, cj));
+          const int64_t i0 = b * kGramBlock, ci = std::min(kGramBlock, c - i0);
+          Tensor Tb = T.narrow(0, i0, ci);
+          at::mm_out(Tb, Oe.narrow(0, i0, ci), S);
         });
       } else {
         scatter_matrix(W, S);
