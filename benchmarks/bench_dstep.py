@@ -10,6 +10,8 @@ backend available here); the compat module runs ``calgan_fast.compat.official_di
 
 Environment: ``CALGAN_BENCH_DEVICE`` (``cpu`` default: B=4 at 128x128; ``cuda``: B=24 at 256x256),
 ``CALGAN_BENCH_DSTEP_SIZE`` (``B,H,W`` override), ``CALGAN_BENCH_ROUNDS`` (timed rounds, default 3).
+``test_dstep_interleaved`` times the same steps round-robin in one test, for ratios that a drift of
+the machine's speed between the per-variant tests cannot move.
 Peak memory (``extra_info["peak_mem_mb"]``): allocator peak on CUDA; on CPU the rise of the peak
 resident set during one step, measured in a fresh process (Linux; see ``peak_memory_cpu_subprocess``).
 """
@@ -17,8 +19,10 @@ resident set during one step, measured in a fresh process (Linux; see ``peak_mem
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -131,6 +135,34 @@ def test_dstep(benchmark, variant):
         "variant": variant, "device": DEVICE,
     })
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+
+
+def test_dstep_interleaved(benchmark):
+    """Every variant once per round, round after round, each step timed on its own: a drift of the
+    machine's speed during the run (common on shared virtual machines) then hits all variants
+    alike, where the per-variant tests above time one variant after another. The per-variant
+    medians and their ratios to the compat module go to ``extra_info``."""
+    variants = _variants()
+    steps = {v: _make_step(v) for v in variants}
+    for step in steps.values():
+        step()  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in variants}
+
+    def one_round():
+        for v, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[v].append(time.perf_counter() - t0)
+
+    benchmark.group = f"dstep interleaved {DEVICE} B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}"
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
+    median = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    best = {v: min(t) * 1e3 for v, t in times.items()}
+    benchmark.extra_info.update({
+        "kind": "dstep_interleaved", "shape": f"B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": DEVICE,
+        "rounds": ROUNDS, "median_ms": median, "best_ms": best,
+    })
 
 
 if __name__ == "__main__":

@@ -76,6 +76,25 @@ def dstep_table(benches: list[dict]) -> list[str]:
     return out
 
 
+def dstep_interleaved_table(benches: list[dict]) -> list[str]:
+    rows = [b for b in benches if b.get("extra_info", {}).get("kind") == "dstep_interleaved"]
+    out = []
+    for b in rows:
+        e = b["extra_info"]
+        med, best = e.get("median_ms", {}), e.get("best_ms", {})
+        base_med, base_best = med.get("official"), best.get("official")
+        out += [f"Interleaved ({e.get('shape')}, {e.get('rounds')} rounds, every variant once per round):", "",
+                "| variant | median ms | x compat (medians) | best ms | x compat (best) |",
+                "|---|---:|---:|---:|---:|"]
+        for v in med:
+            name = "compat" if v == "official" else v
+            r_med = f"{base_med / med[v]:.2f}" if base_med else "-"
+            r_best = f"{base_best / best[v]:.2f}" if base_best else "-"
+            out.append(f"| {name} | {med[v]:.1f} | {r_med} | {best[v]:.1f} | {r_best} |")
+        out.append("")
+    return out[:-1] if out else out
+
+
 def machine_lines(data: dict) -> list[str]:
     mi = data.get("machine_info", {})
     cpu = mi.get("cpu", {}) or {}
@@ -101,7 +120,7 @@ def main(argv=None) -> int:
             data = json.load(f)
         benches = data.get("benchmarks", [])
         lines += [f"## `{path.split('/')[-1]}`", ""] + machine_lines(data) + [""]
-        for table in (head_table(benches), dstep_table(benches)):
+        for table in (head_table(benches), dstep_table(benches), dstep_interleaved_table(benches)):
             if table:
                 lines += table + [""]
     text = "\n".join(lines)
