@@ -12,8 +12,9 @@
 // buffer (in fp32 for bf16/fp16 input, and kept in cache for every step that follows; x with
 // non-contiguous rows is first copied once to contiguous rows), and every GEMM runs on that block through ATen (MKL/oneDNN). With enough experts
 // to balance, the threads take the experts, largest first, from a shared counter and run each
-// single-threaded, one parallel region per call; otherwise they run in order and ATen threads
-// each GEMM and row loop. Row loops run over fixed tiles of kTileRows rows and every reduction is
+// single-threaded, one parallel region per call, and a thread left without an expert helps with
+// the chunks of the others' (ChunkPool); otherwise they run in order and ATen threads each GEMM
+// and row loop. Row loops run over fixed tiles of kTileRows rows and every reduction is
 // summed per tile in a fixed order, so results are bitwise reproducible for a fixed thread count.
 //
 // The head is linear up to the classifier's LeakyReLU, and that is what the kernel exploits. With
@@ -28,7 +29,7 @@
 // cross-covariance sum_p (y_p - mean)(w_p - x̄)^T of the output and the gated input, which gives
 // the variance (sum_p |y_p - mean|^2 = <O, T>) and is exactly the k O S the backward needs; T is
 // handed to the backward as the `xcov` output (a per-expert statistic, no activation). One
-// forward+backward then costs about 2.4 (M, c) x (c, c) GEMMs (forward: S, the hdim-wide h and one
+// forward+backward then costs about 2.5 (M, c) x (c, c) GEMMs (forward: S, the hdim-wide h and one
 // c^3 product per expert; backward: the dx GEMM, the hdim-wide products and P, symmetric) instead
 // of the 4.5 of the textbook chain. Experts with few rows (n < 4c/5), where the c^3 terms
 // would dominate, take the textbook route instead: the forward forms Y = W O^T and its statistics
