@@ -175,12 +175,17 @@ class ChunkPool {
     s.next.store(0);
     s.done.store(0);
     s.active.store(true);
-    while (take(s, w)) {
+    try {
+      while (take(s, w)) {
+      }
+    } catch (...) {
+      // The chunks' data dies with the caller's frame: no helper may start or still run one.
+      failed_.store(true);
+      close(s);
+      throw;
     }
     while (s.done.load() < chunks && !failed_.load()) std::this_thread::yield();
-    s.active.store(false);
-    // A helper that saw the slot active may still be in take(): the slot is rewritten only after.
-    while (s.users.load() > 0) std::this_thread::yield();
+    close(s);
   }
 
   // An expert is finished (with or without chunks), or has failed (which ends every wait).
@@ -202,7 +207,7 @@ class ChunkPool {
   }
 
  private:
-  struct Slot {
+  struct alignas(64) Slot {  // a cache line each: helpers touch every slot's counters
     std::atomic<bool> active{false};
     std::atomic<int64_t> next{0}, done{0}, users{0};
     int64_t chunks = 0;
@@ -213,9 +218,19 @@ class ChunkPool {
     ~Leave() { users.fetch_sub(1); }
   };
 
-  // Runs one chunk of s on worker w if one is left. A chunk that throws still counts as done and
-  // marks the pool failed, which ends every wait.
+  // Stops helpers from entering s, and waits for those inside (a helper that saw the slot active
+  // may still be in take()); the slot is rewritten only after. The atomics are sequentially
+  // consistent: the store of active and the load of users here, and the increment of users and the
+  // load of active in help(), must not be reordered.
+  void close(Slot& s) {
+    s.active.store(false);
+    while (s.users.load() > 0) std::this_thread::yield();
+  }
+
+  // Runs one chunk of s on worker w if one is left and nothing has failed. A chunk that throws
+  // still counts as done and marks the pool failed, which ends every wait.
   bool take(Slot& s, int64_t w) {
+    if (failed_.load()) return false;
     const int64_t k = s.next.fetch_add(1);
     if (k >= s.chunks) return false;
     try {
@@ -717,7 +732,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       // On a worker (single-threaded GEMMs), q by chunks of rows whose input gradients are written
       // while the chunk is still in cache, shared with workers that have run out of experts.
       const acc_t* otap = ota.data_ptr<acc_t>();
-      pool.run(wk, (n + kQChunkRows - 1) / kQChunkRows, [&, WH, KPA, otap, pe, n](int64_t kc, int64_t w) {
+      pool.run(wk, (n + kQChunkRows - 1) / kQChunkRows, [&, WH, KPA, otap, xrp, pe, n](int64_t kc, int64_t w) {
         const int64_t r = kc * kQChunkRows, len = std::min(kQChunkRows, n - r);
         Tensor Qc = q_buf[w].narrow(0, 0, len);
         at::mm_out(Qc, WH.narrow(0, r, len), KPA);
