@@ -8,7 +8,7 @@ import torch
 import calgan_fast
 from calgan_fast import routed_head, routed_head_ref, routing_metadata
 from calgan_fast.ops import backend_ops
-from tests.utils import cpu_backends, grads_of, make_inputs, tol
+from tests.utils import cpu_backends, expert_ids, grads_of, make_inputs, tol
 
 BACKENDS = cpu_backends()
 
@@ -17,23 +17,10 @@ CASES = [
     (257, 24, 5, 3, "random"),  # M not a multiple of any block, c not a power of two
     (64, 16, 1, 2, "random"),  # N = 1
     (97, 20, 7, "auto", "random"),  # prime N
-    (50, 8, 4, 1, "one"),  # every pixel on one expert, the others empty
+    (50, 8, 4, 1, "one_expert"),  # every pixel on one expert, the others empty
     (40, 12, 6, 2, "sparse"),  # empty experts and an expert with a single pixel
     (1, 8, 3, 1, "random"),  # a single row
 ]
-
-
-def _expert(pattern, m, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if pattern == "random":
-        return torch.randint(0, n, (m,), generator=g)
-    if pattern == "one":
-        return torch.full((m,), n - 1, dtype=torch.long)
-    if pattern == "sparse":
-        e = torch.randint(0, 2, (m,), generator=g) * 2  # experts 0 and 2 only
-        e[m // 2] = n - 1  # one pixel on the last expert
-        return e
-    raise AssertionError(pattern)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,7 +29,7 @@ def _expert(pattern, m, n, seed=0):
 def test_matches_reference(backend, dtype, case):
     m, c, n, hdim, pattern = case
     hdim = None if hdim == "auto" else hdim
-    inputs = make_inputs(m, c, n, hdim, dtype=dtype, expert=_expert(pattern, m, n), requires_grad=True)
+    inputs = make_inputs(m, c, n, hdim, dtype=dtype, expert=expert_ids(pattern, m, n), requires_grad=True)
     out = routed_head(*inputs, backend=backend)
     ref = routed_head_ref(*inputs)
     t = tol(dtype)

@@ -87,7 +87,7 @@ def case_id(case) -> str:
 def expert_ids(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
     """Expert ids of ``m`` rows over ``n`` experts: ``random``; ``one_expert`` (every row on the
     last expert, the others empty); ``empty_and_single`` (expert 0 empty, expert 1 one row, the
-    rest random over 2..n-1)."""
+    rest random over 2..n-1); ``sparse`` (experts 0 and 2 only, and one row on the last)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "random":
         return torch.randint(0, n, (m,), generator=g)
@@ -96,6 +96,10 @@ def expert_ids(kind: str, m: int, n: int, seed: int = 0) -> torch.Tensor:
     if kind == "empty_and_single":
         e = torch.randint(2, n, (m,), generator=g)
         e[m // 2] = 1
+        return e
+    if kind == "sparse":
+        e = torch.randint(0, 2, (m,), generator=g) * 2
+        e[m // 2] = n - 1
         return e
     raise ValueError(kind)
 
