@@ -257,10 +257,16 @@ def _all_outputs(inputs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_deterministic(dtype):
-    inputs = make_inputs(1500, 256, 12, 32, dtype=dtype, requires_grad=True)
-    first = _all_outputs(inputs)
-    second = _all_outputs(as_leaves(inputs, dtype))
+@pytest.mark.parametrize("shape", [(1500, 256, 12, 32), (2600, 256, 4, 32)], ids=["textbook", "scatter"])
+def test_deterministic(dtype, shape):
+    inputs = make_inputs(*shape, dtype=dtype, requires_grad=True)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # experts on workers where the shape allows
+        first = _all_outputs(inputs)
+        second = _all_outputs(as_leaves(inputs, dtype))
+    finally:
+        torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     old = torch.get_num_threads()
     try:
@@ -272,23 +278,34 @@ def test_deterministic(dtype):
     assert all(torch.equal(a, b) for a, b in zip(one_a, one_b))
 
 
-def test_parallel_experts_with_chunked_q():
+# (M, c, N, hdim) for two threads: experts of several hundred rows on the scatter-matrix route.
+WORKER_CASES = {
+    "library-gemms": (3000, 40, 4, 5),  # c not a multiple of 16: ATen's GEMMs
+    "tile-gemms-3-column-tiles": (3000, 48, 4, 16),  # fp32, c a multiple of 16: the tile kernels
+    "tile-gemms-benchmark-c": (2600, 256, 4, 32),  # padded rows, several reduction blocks
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", WORKER_CASES)
+def test_parallel_experts_with_chunked_q(case, dtype):
     """Two threads, N >= 2 threads: experts run on workers, and q of the backward is formed in
-    chunks of rows (experts of more than 256 rows); checked against the reference."""
+    chunks of rows (experts of more than 96 rows); checked against the reference."""
+    m, c, n, h = WORKER_CASES[case]
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        inputs = make_inputs(3000, 40, 4, 5, expert=expert_ids("random", 3000, 4), requires_grad=True)
+        inputs = make_inputs(m, c, n, h, dtype=dtype, expert=expert_ids("random", m, n), requires_grad=True)
         out, grads = run_head(inputs, "cpu")
         out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
-        out_pt, grads_pt = run_head(as_leaves(inputs, torch.float32), "torch")
+        out_pt, grads_pt = run_head(as_leaves(inputs, dtype), "torch")
     finally:
         torch.set_num_threads(old)
     for name, a, r, t in zip(OUTPUT_NAMES, out + grads, out_ref + grads_ref, out_pt + grads_pt):
         if name == "count":
             assert torch.equal(a, r)
         else:
-            assert_close_to_ref(name, a, r, t, torch.float32)
+            assert_close_to_ref(name, a, r, t, dtype)
 
 
 def test_routing_metadata_op():

@@ -58,6 +58,7 @@
 #include <limits>
 #include <numeric>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -66,6 +67,7 @@
 
 #include "routed_head_checks.h"
 #include "routed_head_common.h"
+#include "tile_gemm.h"
 
 namespace calgan_fast {
 namespace cpu {
@@ -294,7 +296,7 @@ void for_each_tile(int64_t n, const F& f) {
 constexpr int64_t kPrefetchRows = 4;
 
 // Rows of q a worker forms at a time in the backward: (256, c) fp32 stays in a core's L2.
-constexpr int64_t kQChunkRows = 256;
+constexpr int64_t kQChunkRows = 96;
 
 template <typename scalar_t>
 inline void prefetch_row(const scalar_t* row, int64_t c) {
@@ -467,9 +469,10 @@ acc_t frobenius_dot(const Tensor& p, const Tensor& s) {
 // Per-worker scratch: one expert's gated rows (w), a second (n, c) block (q), and its hidden rows.
 struct Scratch {
   std::vector<Tensor> w, q, h;
-  Scratch(int64_t workers, int64_t rows, int64_t c, int64_t hdim, const at::TensorOptions& opts, bool need_q) {
+  Scratch(int64_t workers, int64_t rows, int64_t c, int64_t ldw, int64_t hdim, const at::TensorOptions& opts,
+          bool need_q) {
     for (int64_t i = 0; i < workers; ++i) {
-      w.push_back(at::empty({rows, c}, opts));
+      w.push_back(at::empty({rows, ldw}, opts));
       q.push_back(need_q ? at::empty({rows, c}, opts) : Tensor());
       h.push_back(at::empty({rows, hdim}, opts));
     }
@@ -525,20 +528,24 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     if (n > 0 && !use_scatter(n, c)) any_textbook = true;
     if (n == 0 || !use_scatter(n, c)) xcov[e].zero_();
   }
-  Scratch scr(sched.workers, sched.max_rows, c, hdim, opts, any_textbook);
+  // The parallel schedule's fp32 GEMMs on the rows run on the tile kernels where the CPU has them,
+  // with the rows of the block padded apart for them.
+  const bool tiled = std::is_same_v<acc_t, float> && sched.parallel && tile_gemm::available() && c % tile_gemm::kNR == 0;
+  const int64_t ldw = tiled ? tile_gemm::padded_ld(c) : c;
+  Scratch scr(sched.workers, sched.max_rows, c, ldw, hdim, opts, any_textbook);
   ChunkPool pool(sched.workers, n_exp);
   auto expert_forward = [&](int64_t e, int64_t wk) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
     if (n == 0) return;
     const int64_t* pe = perm_p + lo;
-    Tensor W = scr.w[wk].narrow(0, 0, n), H = scr.h[wk].narrow(0, 0, n);
+    Tensor W = scr.w[wk].narrow(0, 0, n).narrow(1, 0, c), H = scr.h[wk].narrow(0, 0, n);
     // The rows are gathered minus a shift (the mean of a sample of the expert's rows), which centres
     // them well enough for the scatter matrix and Chan's merge to keep their digits; the mean is
     // the shift plus the mean of the shifted rows.
     Tensor shift = at::empty({c}, opts), dbar = at::empty({c}, opts), xbar = at::empty({c}, opts);
     acc_t* wp = W.data_ptr<acc_t>();
     expert_shift(xp, c, pe, gp, n, shift.data_ptr<acc_t>());
-    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, shift.data_ptr<acc_t>(), wp, c, dbar.data_ptr<acc_t>(),
+    gather_expert<scalar_t, acc_t>(xp, c, pe, gp, n, shift.data_ptr<acc_t>(), wp, ldw, dbar.data_ptr<acc_t>(),
                                    xbar.data_ptr<acc_t>());
     const Tensor Oe = O[e];
     // Classifier: h = W (W1 O)^T + b1 = W_s A^T + (b1 + A shift), W_s the shifted rows.
@@ -556,10 +563,36 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
       // S = W_c^T W_c = W_s^T W_s - n d d^T (d = dbar, the mean of the shifted rows);
       // T = O S (the cross-covariance of y and the gated rows); sum |y - mean|^2 = <O, T>.
       Tensor S = at::empty({c, c}, opts), T = xcov[e];
-      if (sched.parallel) {
-        // The bands of S, then T by blocks of its rows, shared with workers out of experts.
+      if (tiled) {
+        // The upper triangle of W_s^T W_s by pairs of column tiles (the widest first), shared with
+        // workers out of experts; then S = that - n d d^T, mirrored below the diagonal.
+        if constexpr (std::is_same_v<acc_t, float>) {
+          const int64_t nt = c / tile_gemm::kNR;
+          const float* wsp = wp;
+          float* sp = S.data_ptr<float>();
+          pool.run(wk, (nt + 1) / 2, [wsp, sp, n, c, ldw, nt](int64_t b, int64_t) {
+            const int64_t jt1 = nt - 2 * b, jt0 = std::max<int64_t>(0, jt1 - 2);
+            tile_gemm::tn(c, n, wsp, ldw, wsp, ldw, sp, c, jt0, jt1,
+                          [](int64_t jt) { return (jt + 1) * tile_gemm::kNR; });
+          });
+          const float* d = dbar.data_ptr<float>();
+          const float nf = static_cast<float>(n);
+          for (int64_t i = 0; i < c; ++i) {
+            const float ndi = nf * d[i];
+            for (int64_t j = i; j < c; ++j) {
+              const float v = sp[i * c + j] - ndi * d[j];
+              sp[i * c + j] = v;
+              sp[j * c + i] = v;
+            }
+          }
+        }
+      } else if (sched.parallel) {
+        // The bands of S, shared with workers out of experts.
         pool.run(wk, scatter_bands(c), [&W, &S](int64_t b, int64_t) { scatter_band(W, S, b); });
         S.addr_(dbar, dbar, 1, -static_cast<double>(n));
+      }
+      if (sched.parallel) {
+        // T by blocks of its rows, shared with workers out of experts.
         pool.run(wk, (c + kGramBlock - 1) / kGramBlock, [&T, &S, &Oe, c](int64_t b, int64_t) {
           const int64_t i0 = b * kGramBlock, ci = std::min(kGramBlock, c - i0);
           Tensor Tb = T.narrow(0, i0, ci);
@@ -662,11 +695,14 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   // the expert's rows of x.
   const int64_t ld = c + hdim;
   const int64_t workers = sched.workers;
-  std::vector<Tensor> wh_buf, q_buf, xr_buf;
+  // The parallel schedule's fp32 GEMMs on the rows run on the tile kernels where the CPU has them.
+  const bool tiled = std::is_same_v<acc_t, float> && sched.parallel && tile_gemm::available() && c % tile_gemm::kNR == 0;
+  std::vector<Tensor> wh_buf, q_buf, xr_buf, kpa_packed;
   for (int64_t i = 0; i < workers; ++i) {
     wh_buf.push_back(at::empty({sched.max_rows, ld}, opts));
     q_buf.push_back(at::empty({sched.max_rows, c}, opts));
     xr_buf.push_back(at::empty({sched.max_rows, c}, opts));  // the expert's rows of x, for dgate
+    if (tiled) kpa_packed.push_back(at::empty({tile_gemm::packed_size(ld, c)}, opts));
   }
   ChunkPool pool(workers, n_exp);
   auto expert_backward = [&](int64_t e, int64_t wk) {
@@ -732,6 +768,21 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       // On a worker (single-threaded GEMMs), q by chunks of rows whose input gradients are written
       // while the chunk is still in cache, shared with workers that have run out of experts.
       const acc_t* otap = ota.data_ptr<acc_t>();
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (tiled) {
+          // [k P; A] packed once for the tile GEMM, which reads the rows of [W_s | dh] in place.
+          float* bp = kpa_packed[wk].data_ptr<float>();
+          tile_gemm::pack_b(KPA.data_ptr<float>(), c, ld, c, bp);
+          const float* whp = WH.data_ptr<float>();
+          pool.run(wk, (n + kQChunkRows - 1) / kQChunkRows, [&, whp, bp, otap, xrp, pe, n](int64_t kc, int64_t w) {
+            const int64_t r = kc * kQChunkRows, len = std::min(kQChunkRows, n - r);
+            float* qc = q_buf[w].data_ptr<float>();
+            tile_gemm::nn(len, c, ld, whp + r * ld, ld, bp, qc, c);
+            input_grad_tile<scalar_t, acc_t>(qc, r, otap, xrp, pe, gp, c, r, r + len, dxp, dgp);
+          });
+          return;
+        }
+      }
       pool.run(wk, (n + kQChunkRows - 1) / kQChunkRows, [&, WH, KPA, otap, xrp, pe, n](int64_t kc, int64_t w) {
         const int64_t r = kc * kQChunkRows, len = std::min(kQChunkRows, n - r);
         Tensor Qc = q_buf[w].narrow(0, 0, len);

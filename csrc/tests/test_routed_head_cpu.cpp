@@ -1,6 +1,7 @@
 // The CPU kernels of the routed head against a naive loop written straight from DESIGN §2-3
 // (the textbook chain rule per row, in double), run by ctest. Exits non-zero on a mismatch.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdio>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "cpu/routed_head_cpu.h"
+#include "cpu/tile_gemm.h"
 #include "routed_head_common.h"
 
 namespace {
@@ -157,6 +159,74 @@ void run_case(const char* name, int64_t M, int64_t c, int64_t N, int64_t H, at::
   for (int i = 0; i < 7; ++i) expect_close(tag + names[i], bwd[i], *wants[i], rtol, atol);
 }
 
+// The tile GEMMs against double loops, on widths with row tails, several reduction blocks and a
+// padded row stride. The kernels sum in fp32 in order over k: |error| <= K eps sum |a b|.
+void check_tile_gemm() {
+  namespace tg = calgan_fast::cpu::tile_gemm;
+  if (!tg::available()) {
+    std::printf("tile GEMMs: not run (the CPU lacks AVX2 or FMA)\n");
+    return;
+  }
+  auto close = [](const std::string& what, const std::vector<float>& got, const std::vector<double>& want,
+                  const std::vector<double>& scale, int64_t k) {
+    for (size_t i = 0; i < want.size(); ++i) {
+      if (std::isnan(want[i])) continue;  // not asked for
+      if (!(std::fabs(got[i] - want[i]) <= 2.0 * k * 6e-8 * scale[i] + 1e-30)) {
+        std::printf("FAIL %s: element %zu is %.9g, expected %.9g\n", what.c_str(), i, got[i], want[i]);
+        ++g_failures;
+        return;
+      }
+    }
+  };
+  at::manual_seed(7);
+  for (const int64_t m : {1, 5, 6, 101}) {
+    for (const int64_t n : {16, 48}) {
+      const int64_t k = 77, lda = tg::padded_ld(k + 3);
+      const Tensor a = at::randn({m, lda}), b = at::randn({k, n + 5});
+      std::vector<float> bp(static_cast<size_t>(tg::packed_size(k, n))), c(static_cast<size_t>(m * n), -1.f);
+      tg::pack_b(b.data_ptr<float>(), n + 5, k, n, bp.data());
+      tg::nn(m, n, k, a.data_ptr<float>(), lda, bp.data(), c.data(), n);
+      std::vector<double> want(c.size()), scale(c.size());
+      const float *ap = a.data_ptr<float>(), *bq = b.data_ptr<float>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t r = 0; r < k; ++r) {
+            want[i * n + j] += double(ap[i * lda + r]) * bq[r * (n + 5) + j];
+            scale[i * n + j] += std::fabs(double(ap[i * lda + r]) * bq[r * (n + 5) + j]);
+          }
+      close("tile nn m=" + std::to_string(m) + " n=" + std::to_string(n), c, want, scale, k);
+    }
+  }
+  for (const int64_t k : {1, 128, 300}) {
+    for (const bool upper : {false, true}) {
+      const int64_t m = 48, n = 48, ld = tg::padded_ld(m);  // A and B: columns of one block, as for W^T W
+      const Tensor w = at::randn({k, ld});
+      std::vector<float> c(static_cast<size_t>(m * n), -1.f);
+      const float* wp = w.data_ptr<float>();
+      auto row_end = [upper](int64_t jt) { return upper ? (jt + 1) * tg::kNR : int64_t(1) << 40; };
+      tg::tn(m, k, wp, ld, wp, ld, c.data(), n, 0, n / tg::kNR, row_end);
+      std::vector<double> want(c.size()), scale(c.size());
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          if (upper && i >= (j / tg::kNR + 1) * tg::kNR) {
+            want[i * n + j] = std::nan("");
+            if (c[i * n + j] != -1.f) {
+              std::printf("FAIL tile tn upper k=%lld: element (%lld, %lld) below the tiles was written\n",
+                          static_cast<long long>(k), static_cast<long long>(i), static_cast<long long>(j));
+              ++g_failures;
+            }
+            continue;
+          }
+          for (int64_t r = 0; r < k; ++r) {
+            want[i * n + j] += double(wp[r * ld + i]) * wp[r * ld + j];
+            scale[i * n + j] += std::fabs(double(wp[r * ld + i]) * wp[r * ld + j]);
+          }
+        }
+      close(std::string("tile tn") + (upper ? " upper" : "") + " k=" + std::to_string(k), c, want, scale, k);
+    }
+  }
+}
+
 Tensor experts(std::vector<int64_t> v) { return at::tensor(v, at::TensorOptions().dtype(at::kLong)); }
 
 }  // namespace
@@ -175,6 +245,14 @@ int main() {
     run_case("few-rows", 300, 130, 3, 5, dt, false, at::randint(0, 3, {300}, at::TensorOptions().dtype(at::kLong)));
     run_case("multi-tile", 700, 16, 2, 4, dt, false, at::randint(0, 2, {700}, at::TensorOptions().dtype(at::kLong)));
   }
+  check_tile_gemm();
+  // Two threads and four experts of about 250 rows: the experts run on workers, and for fp32 with c
+  // and hdim multiples of 16 their GEMMs on the rows run on the tile kernels.
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  for (auto dt : {at::kDouble, at::kFloat})
+    run_case("workers", 1000, 48, 4, 16, dt, false, at::randint(0, 4, {1000}, at::TensorOptions().dtype(at::kLong)));
+  at::set_num_threads(threads);
   if (g_failures == 0) std::printf("routed_head_cpu: all checks passed\n");
   return g_failures == 0 ? 0 : 1;
 }
