@@ -466,6 +466,32 @@ acc_t frobenius_dot(const Tensor& p, const Tensor& s) {
   return static_cast<acc_t>(((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
 }
 
+// The hidden pre-activations of an expert's rows, h = W A^T + bias, into H (rows ldh apart): W its
+// (n, c) shifted rows (ldw apart), A = W1 O (hdim, c). On the tile GEMM where tiled (fp32 only).
+template <typename acc_t>
+void hidden_rows(bool tiled, const Tensor& W, int64_t ldw, const Tensor& A, const Tensor& bias, Tensor& H, int64_t ldh) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (tiled) {
+      const int64_t n = W.size(0), c = W.size(1), hdim = A.size(0);
+      const Tensor At = A.t().contiguous();  // (c, hdim)
+      std::vector<float> packed(static_cast<size_t>(tile_gemm::packed_size(c, hdim)));
+      tile_gemm::pack_b(At.data_ptr<float>(), hdim, c, hdim, packed.data());
+      float* hp = H.data_ptr<float>();
+      tile_gemm::nn(n, hdim, c, W.data_ptr<float>(), ldw, packed.data(), hp, ldh);
+      const float* bp = bias.data_ptr<float>();
+      for (int64_t r = 0; r < n; ++r) {
+        float* hr = hp + r * ldh;
+#pragma omp simd
+        for (int64_t j = 0; j < hdim; ++j) hr[j] += bp[j];
+      }
+      return;
+    }
+  }
+  (void)ldw;
+  (void)ldh;
+  at::addmm_out(H, bias, W, A.t());
+}
+
 // Per-worker scratch: one expert's gated rows (w), a second (n, c) block (q), and its hidden rows.
 struct Scratch {
   std::vector<Tensor> w, q, h;
@@ -532,6 +558,7 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
   // with the rows of the block padded apart for them.
   const bool tiled = std::is_same_v<acc_t, float> && sched.parallel && tile_gemm::available() && c % tile_gemm::kNR == 0;
   const int64_t ldw = tiled ? tile_gemm::padded_ld(c) : c;
+  const bool tiled_h = tiled && hdim % tile_gemm::kNR == 0;
   Scratch scr(sched.workers, sched.max_rows, c, ldw, hdim, opts, any_textbook);
   ChunkPool pool(sched.workers, n_exp);
   auto expert_forward = [&](int64_t e, int64_t wk) {
@@ -550,9 +577,9 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     const Tensor Oe = O[e];
     // Classifier: h = W (W1 O)^T + b1 = W_s A^T + (b1 + A shift), W_s the shifted rows.
     const Tensor A = at::mm(W1[e], Oe);
-    at::addmm_out(H, at::addmv(B1[e], A, shift), W, A.t());
-    // logits = lrelu(h) w2 + b2: the activation in place, one GEMV, scattered to pixel order.
     acc_t* hp = H.data_ptr<acc_t>();
+    hidden_rows<acc_t>(tiled_h, W, ldw, A, at::addmv(B1[e], A, shift), H, hdim);
+    // logits = lrelu(h) w2 + b2: the activation in place, one GEMV, scattered to pixel order.
     for_each_tile(n, [&](int64_t, int64_t r0, int64_t r1) { lrelu_tile(hp, hdim, r0, r1); });
     const Tensor le = at::mv(H, W2[e]);
     const acc_t* lep = le.data_ptr<acc_t>();
@@ -697,6 +724,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   const int64_t workers = sched.workers;
   // The parallel schedule's fp32 GEMMs on the rows run on the tile kernels where the CPU has them.
   const bool tiled = std::is_same_v<acc_t, float> && sched.parallel && tile_gemm::available() && c % tile_gemm::kNR == 0;
+  const bool tiled_h = tiled && hdim % tile_gemm::kNR == 0;
   std::vector<Tensor> wh_buf, q_buf, xr_buf, kpa_packed;
   for (int64_t i = 0; i < workers; ++i) {
     wh_buf.push_back(at::empty({sched.max_rows, ld}, opts));
@@ -720,7 +748,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
                                    xb.data_ptr<acc_t>(), xrp);
     const Tensor Oe = O[e], W1e = W1[e];
     const Tensor A = at::mm(W1e, Oe);  // (H, c)
-    at::addmm_out(H, at::addmv(B1[e], A, shift), W, A.t());
+    hidden_rows<acc_t>(tiled_h, W, ld, A, at::addmv(B1[e], A, shift), H, ld);
     // Classifier backward: hdim-wide and cheap, run in row order so the sums are reproducible.
     acc_t* hep = H.data_ptr<acc_t>();
     acc_t db2_sum = 0;
@@ -731,7 +759,15 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     }
     db2p[e] = db2_sum;
     // D = dh^T W = dh^T W_s + (sum dh) shift^T; dW1 = D O^T.
-    Tensor D = at::mm(H.t(), W);
+    Tensor D;
+    if (tiled) {
+      D = at::empty({hdim, c}, opts);
+      if constexpr (std::is_same_v<acc_t, float>)
+        tile_gemm::tn(hdim, n, hep, ld, wp, ld, D.data_ptr<float>(), c, 0, c / tile_gemm::kNR,
+                      [](int64_t) { return std::numeric_limits<int64_t>::max(); });
+    } else {
+      D = at::mm(H.t(), W);
+    }
     D.addr_(db1[e], shift);
     Tensor dw1e = dw1[e];
     at::mm_out(dw1e, D, Oe.t());
