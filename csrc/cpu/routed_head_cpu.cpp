@@ -10,10 +10,14 @@
 // Algorithm. A stable counting sort groups the rows by expert (perm, offsets). Each expert is then
 // one task: its rows are gathered, gate-scaled, into a contiguous acc block of a per-worker scratch
 // buffer (in fp32 for bf16/fp16 input, and kept in cache for every step that follows; x with
-// non-contiguous rows is first copied once to contiguous rows), and every GEMM runs on that block through ATen (MKL/oneDNN). With enough experts
-// to balance, the threads take the experts, largest first, from a shared counter and run each
-// single-threaded, one parallel region per call, and a thread left without an expert helps with
-// the chunks of the others' (ChunkPool); otherwise they run in order and ATen threads each GEMM
+// non-contiguous rows is first copied once to contiguous rows), and every GEMM runs on that block.
+// In fp32 on the experts' workers (below), with c a multiple of 16 and an x86-64 CPU with AVX2 and
+// FMA, the products with the rows (the scatter matrix, D, q, and h where hdim is a multiple of 16
+// too) run on the tile GEMMs of tile_gemm.h, which read the rows where they lie instead of packing
+// them on every call; the rest, and every product elsewhere, run through ATen (MKL/oneDNN). With
+// enough experts to balance, the threads take the experts, largest first, from a shared counter and
+// run each single-threaded, one parallel region per call, and a thread left without an expert helps
+// with the chunks of the others' (ChunkPool); otherwise they run in order and ATen threads each GEMM
 // and row loop. Row loops run over fixed tiles of kTileRows rows and every reduction is
 // summed per tile in a fixed order, so results are bitwise reproducible for a fixed thread count.
 //
