@@ -282,6 +282,7 @@ def test_deterministic(dtype, shape):
 WORKER_CASES = {
     "library-gemms": (3000, 40, 4, 5),  # c not a multiple of 16: ATen's GEMMs
     "tile-gemms-3-column-tiles": (3000, 48, 4, 16),  # fp32, c a multiple of 16: the tile kernels
+    "tile-gemms-hdim-5": (3000, 48, 4, 5),  # h through ATen, [W_s | dh] rows padded apart
     "tile-gemms-benchmark-c": (2600, 256, 4, 32),  # padded rows, several reduction blocks
 }
 

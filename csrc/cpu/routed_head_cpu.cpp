@@ -299,7 +299,8 @@ void for_each_tile(int64_t n, const F& f) {
 // lie scattered over x, which the hardware prefetcher cannot guess.
 constexpr int64_t kPrefetchRows = 4;
 
-// Rows of q a worker forms at a time in the backward: (256, c) fp32 stays in a core's L2.
+// Rows of q a worker forms at a time in the backward: (96, c) fp32 stays in a core's L2 (and is one
+// row block of the tile GEMM).
 constexpr int64_t kQChunkRows = 96;
 
 template <typename scalar_t>
@@ -722,26 +723,27 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
 
   const Schedule sched = make_schedule(off, n_exp);
   // Per worker: [W_s | H], an expert's gated rows (shifted, as in the forward) and their hidden
-  // rows side by side (rows c + hdim apart), so that q = [W_s | dh] [k P; A] is one GEMM; q; and
+  // rows side by side (rows ld >= c + hdim apart), so that q = [W_s | dh] [k P; A] is one GEMM; q; and
   // the expert's rows of x.
-  const int64_t ld = c + hdim;
-  const int64_t workers = sched.workers;
-  // The parallel schedule's fp32 GEMMs on the rows run on the tile kernels where the CPU has them.
+  // The parallel schedule's fp32 GEMMs on the rows run on the tile kernels where the CPU has them,
+  // with the rows of the block padded apart for them.
   const bool tiled = std::is_same_v<acc_t, float> && sched.parallel && tile_gemm::available() && c % tile_gemm::kNR == 0;
   const bool tiled_h = tiled && hdim % tile_gemm::kNR == 0;
+  const int64_t kw = c + hdim, ld = tiled ? tile_gemm::padded_ld(kw) : kw;  // [W_s | dh]: width, row stride
+  const int64_t workers = sched.workers;
   std::vector<Tensor> wh_buf, q_buf, xr_buf, kpa_packed;
   for (int64_t i = 0; i < workers; ++i) {
     wh_buf.push_back(at::empty({sched.max_rows, ld}, opts));
     q_buf.push_back(at::empty({sched.max_rows, c}, opts));
     xr_buf.push_back(at::empty({sched.max_rows, c}, opts));  // the expert's rows of x, for dgate
-    if (tiled) kpa_packed.push_back(at::empty({tile_gemm::packed_size(ld, c)}, opts));
+    if (tiled) kpa_packed.push_back(at::empty({tile_gemm::packed_size(kw, c)}, opts));
   }
   ChunkPool pool(workers, n_exp);
   auto expert_backward = [&](int64_t e, int64_t wk) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
     if (n == 0) return;
     const int64_t* pe = perm_p + lo;
-    const Tensor WH = wh_buf[wk].narrow(0, 0, n);
+    const Tensor WH = wh_buf[wk].narrow(0, 0, n).narrow(1, 0, kw);
     Tensor W = WH.narrow(1, 0, c), H = WH.narrow(1, c, hdim), Q = q_buf[wk].narrow(0, 0, n);
     // W holds w - shift; x̄ = shift + dbar, dbar the mean of the shifted rows.
     Tensor shift = at::empty({c}, opts), dbar = at::empty({c}, opts), xb = at::empty({c}, opts);
@@ -794,7 +796,7 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
     if (k != acc_t(0) && use_scatter(n, c)) {
       // k O S = k T (T from the forward); q = dh A + k W_c P = [W_s | dh] [k P; A] - k P dbar.
       dpe.add_(T[e], k);
-      Tensor KPA = at::empty({ld, c}, opts);
+      Tensor KPA = at::empty({kw, c}, opts);
       Tensor KP = KPA.narrow(0, 0, c);
       scatter_matrix(Oe, KP);  // O^T O, symmetric
       KP.mul_(k);
@@ -812,12 +814,12 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
         if (tiled) {
           // [k P; A] packed once for the tile GEMM, which reads the rows of [W_s | dh] in place.
           float* bp = kpa_packed[wk].data_ptr<float>();
-          tile_gemm::pack_b(KPA.data_ptr<float>(), c, ld, c, bp);
+          tile_gemm::pack_b(KPA.data_ptr<float>(), c, kw, c, bp);
           const float* whp = WH.data_ptr<float>();
           pool.run(wk, (n + kQChunkRows - 1) / kQChunkRows, [&, whp, bp, otap, xrp, pe, n](int64_t kc, int64_t w) {
             const int64_t r = kc * kQChunkRows, len = std::min(kQChunkRows, n - r);
             float* qc = q_buf[w].data_ptr<float>();
-            tile_gemm::nn(len, c, ld, whp + r * ld, ld, bp, qc, c);
+            tile_gemm::nn(len, c, kw, whp + r * ld, ld, bp, qc, c);
             input_grad_tile<scalar_t, acc_t>(qc, r, otap, xrp, pe, gp, c, r, r + len, dxp, dgp);
           });
           return;
