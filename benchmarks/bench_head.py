@@ -4,15 +4,20 @@ matmul (the speed of light), forward and forward+backward.
     pytest benchmarks/bench_head.py --benchmark-json=head.json
     python benchmarks/report.py head.json -o benchmarks/RESULTS.md
 
+``test_head_interleaved`` times the routed backends and the matmul at the targets' shape
+round-robin in one test, for ratios that a drift of the machine's speed cannot move.
+
 Environment: ``CALGAN_BENCH_DEVICE`` (``cpu`` default, or ``cuda``), ``CALGAN_BENCH_DTYPE``
 (default fp32 on CPU, bf16 on CUDA), ``CALGAN_BENCH_FULL=1`` for every DESIGN §7 shape on CPU
 (the CPU default keeps c = 256 and M <= 16384 so a run takes minutes), ``CALGAN_BENCH_BACKENDS``
-(comma-separated subset).
+(comma-separated subset), ``CALGAN_BENCH_INTERLEAVED_ROUNDS`` (15).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -75,16 +80,8 @@ def _rounds(m, c, n, backend):
     return max(3, min(20, int(2e10 / max(work, 1))))
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("n", NS)
-@pytest.mark.parametrize("c", CS)
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("backend", _backends())
-def test_head(benchmark, backend, m, c, n, mode):
-    if backend == "matmul" and n != NS[0]:
-        pytest.skip("the matmul does not depend on N: measured once per (M, c)")
-    hdim = c // 8
-    bwd = mode == "fwd+bwd"
+def _make_run(backend, m, c, n, bwd):
+    """One call of ``backend`` (or of the same-shape matmul), with its backward where ``bwd``."""
     inputs = _inputs(m, c, n, requires_grad=bwd)
     x = inputs[0]
     if backend == "matmul":
@@ -111,6 +108,20 @@ def test_head(benchmark, backend, m, c, n, mode):
                     t.grad = None
             _sync()
 
+    return run
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("c", CS)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("backend", _backends())
+def test_head(benchmark, backend, m, c, n, mode):
+    if backend == "matmul" and n != NS[0]:
+        pytest.skip("the matmul does not depend on N: measured once per (M, c)")
+    hdim = c // 8
+    bwd = mode == "fwd+bwd"
+    run = _make_run(backend, m, c, n, bwd)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run()  # warm-up (compiles kernels)
@@ -123,4 +134,39 @@ def test_head(benchmark, backend, m, c, n, mode):
         "device": DEVICE, "flops": flops, "useful_flops": useful_flops(m, c, hdim, mode),
         "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+    })
+
+
+INTERLEAVED_ROUNDS = int(os.environ.get("CALGAN_BENCH_INTERLEAVED_ROUNDS", "15"))
+
+
+def test_head_interleaved(benchmark):
+    """Forward+backward at M = 16384, c = 256, N = 12 (the shape of the head's targets) of every
+    routed backend and of the same-shape matmul with its backward, each once per round, round after
+    round, each call timed on its own: a drift of the machine's speed during the run then hits all
+    of them alike, where the tests above time one after another. Per-variant medians and best times
+    go to ``extra_info``; the report takes the ratios and the speed of light from them."""
+    m, c, n = 16384, 256, 12
+    hdim = c // 8
+    names = [b for b in _backends() if b != "reference"]
+    runs = {b: _make_run(b, m, c, n, bwd=True) for b in names}
+    for run in runs.values():
+        run()  # warm-up (compiles kernels)
+    times: dict[str, list[float]] = {b: [] for b in names}
+
+    def one_round():
+        for b, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[b].append(time.perf_counter() - t0)
+
+    benchmark.group = f"head interleaved {DEVICE} M={m} c={c} N={n} {DTYPE_NAME}"
+    benchmark.pedantic(one_round, rounds=INTERLEAVED_ROUNDS, warmup_rounds=0, iterations=1)
+    benchmark.extra_info.update({
+        "kind": "head_interleaved", "shape": f"M={m} c={c} N={n} hdim={hdim} {DTYPE_NAME} fwd+bwd",
+        "device": DEVICE, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "rounds": INTERLEAVED_ROUNDS, "useful_flops": useful_flops(m, c, hdim, "fwd+bwd"),
+        "matmul_flops": 6 * m * c * c,
+        "median_ms": {b: statistics.median(t) * 1e3 for b, t in times.items()},
+        "best_ms": {b: min(t) * 1e3 for b, t in times.items()},
     })

@@ -95,6 +95,26 @@ def dstep_interleaved_table(benches: list[dict]) -> list[str]:
     return out[:-1] if out else out
 
 
+def head_interleaved_table(benches: list[dict]) -> list[str]:
+    rows = [b for b in benches if b.get("extra_info", {}).get("kind") == "head_interleaved"]
+    out = []
+    for b in rows:
+        e = b["extra_info"]
+        med, best = e.get("median_ms", {}), e.get("best_ms", {})
+        mm = best.get("matmul")
+        sol = e["matmul_flops"] / mm if mm else None  # matmul FLOPs per ms, best round
+        out += [f"Interleaved ({e.get('shape')}, {e.get('rounds')} rounds, every variant once per round):", "",
+                "| variant | median ms | best ms | x torch (medians) | x torch (best) | % of speed of light (best) |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for v in med:
+            r_med = f"{med['torch'] / med[v]:.2f}" if "torch" in med and v != "matmul" else "-"
+            r_best = f"{best['torch'] / best[v]:.2f}" if "torch" in best and v != "matmul" else "-"
+            pct = f"{100 * e['useful_flops'] / best[v] / sol:.0f} %" if sol and v != "matmul" else "-"
+            out.append(f"| {v} | {med[v]:.1f} | {best[v]:.1f} | {r_med} | {r_best} | {pct} |")
+        out.append("")
+    return out[:-1] if out else out
+
+
 def machine_lines(data: dict) -> list[str]:
     mi = data.get("machine_info", {})
     cpu = mi.get("cpu", {}) or {}
@@ -120,7 +140,8 @@ def main(argv=None) -> int:
             data = json.load(f)
         benches = data.get("benchmarks", [])
         lines += [f"## `{path.split('/')[-1]}`", ""] + machine_lines(data) + [""]
-        for table in (head_table(benches), dstep_table(benches), dstep_interleaved_table(benches)):
+        for table in (head_table(benches), head_interleaved_table(benches), dstep_table(benches),
+                      dstep_interleaved_table(benches)):
             if table:
                 lines += table + [""]
     text = "\n".join(lines)

@@ -278,7 +278,7 @@ def test_deterministic(dtype, shape):
     assert all(torch.equal(a, b) for a, b in zip(one_a, one_b))
 
 
-# (M, c, N, hdim) for two threads: experts of several hundred rows on the scatter-matrix route.
+# (M, c, N, hdim): experts of several hundred rows on the scatter-matrix route.
 WORKER_CASES = {
     "library-gemms": (3000, 40, 4, 5),  # c not a multiple of 16: ATen's GEMMs
     "tile-gemms-3-column-tiles": (3000, 48, 4, 16),  # fp32, c a multiple of 16: the tile kernels
@@ -287,15 +287,16 @@ WORKER_CASES = {
 }
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", WORKER_CASES)
-def test_parallel_experts_with_chunked_q(case, dtype):
-    """Two threads, N >= 2 threads: experts run on workers, and q of the backward is formed in
+def test_parallel_experts_with_chunked_q(case, dtype, threads):
+    """N >= 2 threads: experts run on workers (one per thread), and q of the backward is formed in
     chunks of rows (experts of more than 96 rows); checked against the reference."""
     m, c, n, h = WORKER_CASES[case]
     old = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
         inputs = make_inputs(m, c, n, h, dtype=dtype, expert=expert_ids("random", m, n), requires_grad=True)
         out, grads = run_head(inputs, "cpu")
         out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")

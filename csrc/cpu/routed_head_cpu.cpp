@@ -99,9 +99,10 @@ int64_t n_tiles_of(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
 
 // How the experts run. parallel: one worker per thread; the workers take the experts, largest
 // first, from a shared counter (greedy list scheduling, which also absorbs a thread that the
-// machine slows down), each running its expert single-threaded. Otherwise one worker runs every
-// expert in order, with threaded GEMMs and row loops. An expert's results do not depend on which
-// worker runs it.
+// machine slows down), each running its expert single-threaded (with one thread, the one worker
+// runs them all so, and the GEMMs take the same single-threaded kernels). Otherwise one worker runs
+// every expert in order, with threaded GEMMs and row loops. An expert's results do not depend on
+// which worker runs it.
 struct Schedule {
   bool parallel = false;
   int64_t workers = 1;
@@ -116,7 +117,7 @@ Schedule make_schedule(const int64_t* off, int64_t n_exp) {
   s.order.resize(n_exp);
   std::iota(s.order.begin(), s.order.end(), 0);
   for (int64_t e = 0; e < n_exp; ++e) s.max_rows = std::max(s.max_rows, off[e + 1] - off[e]);
-  if (threads > 1 && n_exp >= 2 * threads && !at::in_parallel_region()) {
+  if (n_exp >= 2 * threads && !at::in_parallel_region()) {
     std::vector<int64_t> order = s.order;
     std::stable_sort(order.begin(), order.end(),
                      [&](int64_t a, int64_t b) { return off[a + 1] - off[a] > off[b + 1] - off[b]; });

@@ -1,0 +1,30 @@
+"""The benchmark report's interleaved head table: ratios and speed of light from the recorded times."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "report.py")
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("calgan_bench_report", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_head_interleaved_table():
+    bench = {"extra_info": {
+        "kind": "head_interleaved", "shape": "M=16 c=4 N=2", "rounds": 3,
+        "useful_flops": 3_000_000, "matmul_flops": 2_000_000,
+        "median_ms": {"torch": 100.0, "cpu": 40.0, "matmul": 20.0},
+        "best_ms": {"torch": 90.0, "cpu": 30.0, "matmul": 10.0},
+    }}
+    lines = _report().head_interleaved_table([bench, {"extra_info": {"M": 16}}])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines if line.startswith("| ")}
+    assert rows["cpu"] == ["40.0", "30.0", "2.50", "3.00", "50 %"]  # 3e6 FLOPs in 30 ms against 2e6 in 10 ms
+    assert rows["torch"][2:] == ["1.00", "1.00", "17 %"]
+    assert rows["matmul"][2:] == ["-", "-", "-"]
+    assert _report().head_interleaved_table([{"extra_info": {"M": 16}}]) == []
