@@ -19,15 +19,14 @@ resident set during one step, measured in a fresh process (Linux; see ``peak_mem
 from __future__ import annotations
 
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import calgan_fast
+from benchmarks.roundrobin import time_round_robin
 from calgan_fast.compat import OfficialMOD, official_discriminator_loss
 from calgan_fast.losses import discriminator_loss
 
@@ -142,22 +141,9 @@ def test_dstep_interleaved(benchmark):
     machine's speed during the run (common on shared virtual machines) then hits all variants
     alike, where the per-variant tests above time one variant after another. The per-variant
     medians and their ratios to the compat module go to ``extra_info``."""
-    variants = _variants()
-    steps = {v: _make_step(v) for v in variants}
-    for step in steps.values():
-        step()  # warm-up
-    times: dict[str, list[float]] = {v: [] for v in variants}
-
-    def one_round():
-        for v, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[v].append(time.perf_counter() - t0)
-
+    steps = {v: _make_step(v) for v in _variants()}
     benchmark.group = f"dstep interleaved {DEVICE} B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}"
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
-    median = {v: statistics.median(t) * 1e3 for v, t in times.items()}
-    best = {v: min(t) * 1e3 for v, t in times.items()}
+    median, best = time_round_robin(benchmark, steps, ROUNDS)
     benchmark.extra_info.update({
         "kind": "dstep_interleaved", "shape": f"B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": DEVICE,

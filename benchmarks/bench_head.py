@@ -16,13 +16,12 @@ Environment: ``CALGAN_BENCH_DEVICE`` (``cpu`` default, or ``cuda``), ``CALGAN_BE
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 import torch
 
 import calgan_fast
+from benchmarks.roundrobin import time_round_robin
 from calgan_fast import routed_head
 
 DEVICE = os.environ.get("CALGAN_BENCH_DEVICE", "cpu")
@@ -150,23 +149,12 @@ def test_head_interleaved(benchmark):
     hdim = c // 8
     names = [b for b in _backends() if b != "reference"]
     runs = {b: _make_run(b, m, c, n, bwd=True) for b in names}
-    for run in runs.values():
-        run()  # warm-up (compiles kernels)
-    times: dict[str, list[float]] = {b: [] for b in names}
-
-    def one_round():
-        for b, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[b].append(time.perf_counter() - t0)
-
     benchmark.group = f"head interleaved {DEVICE} M={m} c={c} N={n} {DTYPE_NAME}"
-    benchmark.pedantic(one_round, rounds=INTERLEAVED_ROUNDS, warmup_rounds=0, iterations=1)
+    median, best = time_round_robin(benchmark, runs, INTERLEAVED_ROUNDS)
     benchmark.extra_info.update({
         "kind": "head_interleaved", "shape": f"M={m} c={c} N={n} hdim={hdim} {DTYPE_NAME} fwd+bwd",
         "device": DEVICE, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "rounds": INTERLEAVED_ROUNDS, "useful_flops": useful_flops(m, c, hdim, "fwd+bwd"),
         "matmul_flops": 6 * m * c * c,
-        "median_ms": {b: statistics.median(t) * 1e3 for b, t in times.items()},
-        "best_ms": {b: min(t) * 1e3 for b, t in times.items()},
+        "median_ms": median, "best_ms": best,
     })

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 import calgan_fast as cf
+from tests.utils import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_YAML = ROOT / "examples" / "basicsr_calgan.yml"
@@ -307,10 +308,7 @@ def test_main_passes_argv_to_basicsr_and_restores_it(tmp_path):
 
 
 def _minimal_loop():
-    spec = importlib.util.spec_from_file_location("calgan_minimal_loop", MINIMAL_LOOP)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module("calgan_minimal_loop", MINIMAL_LOOP)
 
 
 def test_minimal_loop_is_small_and_public():

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
+
+from tests.utils import load_module
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "report.py")
 
 
 def _report():
-    spec = importlib.util.spec_from_file_location("calgan_bench_report", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module("calgan_bench_report", _PATH)
 
 
 def test_head_interleaved_table():

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.utils import grads_of, make_inputs, tol
 
 import calgan_fast
 from calgan_fast.ops.routed_head import backend_ops
 from calgan_fast.reference import LRELU_SLOPE, routing_metadata_ref
+from tests.utils import grads_of, make_inputs, tol
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 

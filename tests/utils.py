@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 import calgan_fast
@@ -125,3 +127,11 @@ def assert_close_to_ref(name, out, out_ref, out_pt, dtype):
     bound = 2 * err_pt + atol + rtol * ref.abs().max().item()
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (plain PyTorch: {err_pt:.3e})"
+
+
+def load_module(name: str, path) -> object:
+    """Imports the Python file at ``path`` (a script outside the package) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
