@@ -11,8 +11,8 @@
 // reduction axis), and only nn's small B is packed, once per expert, into column panels of kNR.
 // A 6 x 16 tile of C stays in twelve AVX registers through its whole sum; the row blocks of nn and the
 // reduction blocks of tn are sized to keep their operands in a core's L1 and L2. Callers keep the
-// block's rows a little more than a multiple of 4 KiB apart (see padded_ld), or the rows that tn
-// reads together would fall into the same few cache sets.
+// block's rows apart by a stride that is not a multiple of 1 KiB (see padded_ld): at such a stride
+// the rows that tn reads together would fall into a handful of L1 cache sets.
 //
 // Sums run over k in order within a tile, and the blocking depends on the shapes only, so results
 // are bitwise reproducible; they differ from a library GEMM's by rounding. Where the CPU lacks AVX2
@@ -50,8 +50,8 @@ inline bool available() {
 #endif
 }
 
-// A row stride of at least `width` floats that is not a multiple of a 1 KiB line set: the rows read
-// together then fall into different cache sets.
+// A row stride of at least `width` floats, a multiple of kNR, that is not a multiple of 256 floats
+// (1 KiB): c = 256 gives 272.
 inline int64_t padded_ld(int64_t width) {
   int64_t ld = (width + kNR - 1) / kNR * kNR;
   if (ld % 256 == 0) ld += kNR;
@@ -127,8 +127,9 @@ CALGAN_AVX2_FMA inline void nn(int64_t m, int64_t n, int64_t k, const float* a, 
 }
 
 // C (m, n; rows ldc apart) = A^T B over K rows: A (K, m; rows lda apart), B (K, n; rows ldb apart),
-// n a multiple of kNR. Only the column tiles jt0..jt1 of C are formed, and of those only the rows
-// below row_end(jt) (for the upper triangle of a symmetric C: row_end(jt) = (jt + 1) kNR).
+// n a multiple of kNR, K > 0 (C is not written for K = 0). Only the column tiles jt0..jt1 of C are
+// formed, and of those only the rows below row_end(jt) (for the upper triangle of a symmetric C:
+// row_end(jt) = (jt + 1) kNR).
 template <typename RowEnd>
 CALGAN_AVX2_FMA inline void tn(int64_t m, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                                int64_t ldc, int64_t jt0, int64_t jt1, const RowEnd& row_end) {

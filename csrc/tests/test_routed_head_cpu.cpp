@@ -250,8 +250,14 @@ int main() {
   // and hdim multiples of 16 their GEMMs on the rows run on the tile kernels.
   const int threads = at::get_num_threads();
   at::set_num_threads(2);
-  for (auto dt : {at::kDouble, at::kFloat})
-    run_case("workers", 1000, 48, 4, 16, dt, false, at::randint(0, 4, {1000}, at::TensorOptions().dtype(at::kLong)));
+  const auto ids_of = [](int64_t m, int64_t n) { return at::randint(0, n, {m}, at::TensorOptions().dtype(at::kLong)); };
+  for (auto dt : {at::kDouble, at::kFloat}) {
+    run_case("workers", 1000, 48, 4, 16, dt, false, ids_of(1000, 4));
+    run_case("workers-c16", 400, 16, 4, 16, dt, false, ids_of(400, 4));  // one column tile, one chunk of S
+    // c = 256: forward rows padded to 272 floats; c + hdim = 256: backward rows padded to 272.
+    run_case("workers-c256", 1100, 256, 4, 32, dt, false, ids_of(1100, 4));
+    run_case("workers-c224", 1000, 224, 4, 32, dt, false, ids_of(1000, 4));
+  }
   at::set_num_threads(threads);
   if (g_failures == 0) std::printf("routed_head_cpu: all checks passed\n");
   return g_failures == 0 ? 0 : 1;
