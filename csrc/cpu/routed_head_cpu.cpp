@@ -472,6 +472,13 @@ acc_t frobenius_dot(const Tensor& p, const Tensor& s) {
   return static_cast<acc_t>(((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
 }
 
+// Whether the products with an expert's rows run on the tile GEMMs: fp32 compute, experts on
+// workers (single-threaded GEMMs), c a multiple of the tile width, and a CPU that has the kernels.
+template <typename acc_t>
+bool use_tile_gemms(const Schedule& sched, int64_t c) {
+  return std::is_same_v<acc_t, float> && sched.parallel && c % tile_gemm::kNR == 0 && tile_gemm::available();
+}
+
 // The hidden pre-activations of an expert's rows, h = W A^T + bias, into H (rows ldh apart): W its
 // (n, c) shifted rows (ldw apart), A = W1 O (hdim, c). On the tile GEMM where tiled (fp32 only).
 template <typename acc_t>
@@ -560,9 +567,8 @@ std::vector<Tensor> fwd_typed(const Tensor& x, const Tensor& expert, const Tenso
     if (n > 0 && !use_scatter(n, c)) any_textbook = true;
     if (n == 0 || !use_scatter(n, c)) xcov[e].zero_();
   }
-  // The parallel schedule's fp32 GEMMs on the rows run on the tile kernels where the CPU has them,
-  // with the rows of the block padded apart for them.
-  const bool tiled = std::is_same_v<acc_t, float> && sched.parallel && tile_gemm::available() && c % tile_gemm::kNR == 0;
+  // On the tile GEMMs, the rows of the block are padded apart for them.
+  const bool tiled = use_tile_gemms<acc_t>(sched, c);
   const int64_t ldw = tiled ? tile_gemm::padded_ld(c) : c;
   const bool tiled_h = tiled && hdim % tile_gemm::kNR == 0;
   Scratch scr(sched.workers, sched.max_rows, c, ldw, hdim, opts, any_textbook);
@@ -726,9 +732,8 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
   // Per worker: [W_s | H], an expert's gated rows (shifted, as in the forward) and their hidden
   // rows side by side (rows ld >= c + hdim apart), so that q = [W_s | dh] [k P; A] is one GEMM; q; and
   // the expert's rows of x.
-  // The parallel schedule's fp32 GEMMs on the rows run on the tile kernels where the CPU has them,
-  // with the rows of the block padded apart for them.
-  const bool tiled = std::is_same_v<acc_t, float> && sched.parallel && tile_gemm::available() && c % tile_gemm::kNR == 0;
+  // On the tile GEMMs, the rows of the block are padded apart for them.
+  const bool tiled = use_tile_gemms<acc_t>(sched, c);
   const bool tiled_h = tiled && hdim % tile_gemm::kNR == 0;
   const int64_t kw = c + hdim, ld = tiled ? tile_gemm::padded_ld(kw) : kw;  // [W_s | dh]: width, row stride
   const int64_t workers = sched.workers;
@@ -811,26 +816,30 @@ std::vector<Tensor> bwd_typed(const Tensor& glogits, const Tensor& gmean, const 
       // On a worker (single-threaded GEMMs), q by chunks of rows whose input gradients are written
       // while the chunk is still in cache, shared with workers that have run out of experts.
       const acc_t* otap = ota.data_ptr<acc_t>();
+      // On the tile GEMM, [k P; A] is packed once for all chunks; the rows of [W_s | dh] are read in place.
+      const float* bp = nullptr;
       if constexpr (std::is_same_v<acc_t, float>) {
         if (tiled) {
-          // [k P; A] packed once for the tile GEMM, which reads the rows of [W_s | dh] in place.
-          float* bp = kpa_packed[wk].data_ptr<float>();
-          tile_gemm::pack_b(KPA.data_ptr<float>(), c, kw, c, bp);
-          const float* whp = WH.data_ptr<float>();
-          pool.run(wk, (n + kQChunkRows - 1) / kQChunkRows, [&, whp, bp, otap, xrp, pe, n](int64_t kc, int64_t w) {
-            const int64_t r = kc * kQChunkRows, len = std::min(kQChunkRows, n - r);
-            float* qc = q_buf[w].data_ptr<float>();
-            tile_gemm::nn(len, c, kw, whp + r * ld, ld, bp, qc, c);
-            input_grad_tile<scalar_t, acc_t>(qc, r, otap, xrp, pe, gp, c, r, r + len, dxp, dgp);
-          });
-          return;
+          tile_gemm::pack_b(KPA.data_ptr<float>(), c, kw, c, kpa_packed[wk].data_ptr<float>());
+          bp = kpa_packed[wk].data_ptr<float>();
         }
       }
-      pool.run(wk, (n + kQChunkRows - 1) / kQChunkRows, [&, WH, KPA, otap, xrp, pe, n](int64_t kc, int64_t w) {
+      const acc_t* whp = WH.data_ptr<acc_t>();
+      pool.run(wk, (n + kQChunkRows - 1) / kQChunkRows, [&, WH, KPA, whp, bp, otap, xrp, pe, n](int64_t kc, int64_t w) {
         const int64_t r = kc * kQChunkRows, len = std::min(kQChunkRows, n - r);
-        Tensor Qc = q_buf[w].narrow(0, 0, len);
-        at::mm_out(Qc, WH.narrow(0, r, len), KPA);
-        input_grad_tile<scalar_t, acc_t>(Qc.data_ptr<acc_t>(), r, otap, xrp, pe, gp, c, r, r + len, dxp, dgp);
+        acc_t* qc = q_buf[w].data_ptr<acc_t>();
+        bool done = false;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (bp != nullptr) {
+            tile_gemm::nn(len, c, kw, whp + r * ld, ld, bp, qc, c);
+            done = true;
+          }
+        }
+        if (!done) {
+          Tensor Qc = q_buf[w].narrow(0, 0, len);
+          at::mm_out(Qc, WH.narrow(0, r, len), KPA);
+        }
+        input_grad_tile<scalar_t, acc_t>(qc, r, otap, xrp, pe, gp, c, r, r + len, dxp, dgp);
       });
       return;
     }
