@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 import warnings
 from collections import deque
@@ -38,13 +37,19 @@ from torch.utils.data import DataLoader
 from ..archs import build_generator, load_generator_weights
 from ..data import HRFolderDataset, PairedFolderDataset, TrainSampler, sample_images, tensor2img, write_image
 from ..metrics import psnr, ssim
+from .checkpoint import (
+    CorruptCheckpointError,
+    atomic_save,
+    checkpoint_name,
+    list_checkpoints,
+    load_module_state,
+    load_newest_checkpoint,
+    prune_checkpoints,
+)
 from .config import ConfigError
 from .inference import EMA
 
 __all__ = ["Trainer", "train", "RunFolderError"]
-
-_CKPT_RE = re.compile(r"iter_(\d{7,})\.pth$")
-
 
 class RunFolderError(RuntimeError):
     """The output folder cannot be used as asked (it holds a run, or has none to resume)."""
@@ -69,10 +74,7 @@ def init_distributed(device: str) -> bool:
     return True
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+_atomic_save = atomic_save
 
 
 def _rng_state() -> dict:
@@ -99,14 +101,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """``[(iteration, path)]`` of the run's checkpoints, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.search(p.name))]
-    return sorted(found)
 
 
 def _allreduce_grads(params: list[torch.Tensor], world: int) -> None:
@@ -323,20 +317,19 @@ class Trainer:
         if not self.is_main:
             return
         folder = self.out / "checkpoints"
-        _atomic_save(self._state(), folder / f"iter_{self.it:07d}.pth")
-        keep = self.cfg["logger"]["keep_checkpoints"]
-        for _, old in list_checkpoints(folder)[:-keep]:
-            old.unlink(missing_ok=True)
+        _atomic_save(self._state(), folder / checkpoint_name(self.it))
+        prune_checkpoints(folder, self.cfg["logger"]["keep_checkpoints"])
 
     def _load_checkpoint(self) -> None:
-        it, path = list_checkpoints(self.out / "checkpoints")[-1]
+        required = ("iter", "phase_g", "params", "params_ema", "net_d", "opt_g", "sched_g", "opt_d",
+                    "sched_d", "scaler_g", "scaler_d", "acc_window", "rng")
         try:
-            st = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise RunFolderError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
-        self.net_g.load_state_dict(st["params"])
-        self.ema.model.load_state_dict(st["params_ema"])
-        self.net_d.load_state_dict(st["net_d"])
+            path, st = load_newest_checkpoint(self.out / "checkpoints", required)
+            load_module_state(self.net_g, st["params"], "params (generator)", path)
+            load_module_state(self.ema.model, st["params_ema"], "params_ema (generator)", path)
+            load_module_state(self.net_d, st["net_d"], "net_d (discriminator)", path)
+        except CorruptCheckpointError as exc:
+            raise RunFolderError(str(exc)) from None
         self._phase_optimizer(st["phase_g"])
         self.opt_g.load_state_dict(st["opt_g"])
         self.sched_g.load_state_dict(st["sched_g"])
