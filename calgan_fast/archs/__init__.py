@@ -98,7 +98,9 @@ def _load(path: str | os.PathLike) -> Mapping:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, not a torch checkpoint, ...
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
+        from ..train.checkpoint import one_line
+
+        raise CheckpointError(f"{path}: cannot read checkpoint ({one_line(exc)})") from exc
 
 
 def load_generator_weights(model: nn.Module, ckpt: str | os.PathLike | Mapping,

@@ -20,10 +20,15 @@ from pathlib import Path
 import torch
 
 __all__ = ["CKPT_RE", "checkpoint_name", "list_checkpoints", "atomic_save", "prune_checkpoints",
-           "load_newest_checkpoint", "CorruptCheckpointError"]
+           "load_newest_checkpoint", "CorruptCheckpointError",
+           "remove_stale_temporaries", "load_module_state"]
 
 #: The whole file name of a trainer checkpoint; nothing else in the folder is one.
 CKPT_RE = re.compile(r"^iter_(\d{7,})\.pth$")
+
+
+#: The temporary file of an unfinished :func:`atomic_save` of a checkpoint (a killed process).
+_TMP_RE = re.compile(r"^\.iter_\d{7,}\.pth\.tmp\d+$")
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -85,11 +90,28 @@ def prune_checkpoints(folder: str | os.PathLike, keep: int) -> list[Path]:
     return old
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files that checkpoint writes killed midway left in ``folder``."""
+    folder = Path(folder)
+    stale = [p for p in folder.iterdir() if _TMP_RE.match(p.name)] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` of ``exc``, cut to ``limit`` characters (torch.load's
+    errors span many lines)."""
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _read(path: Path) -> Mapping:
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or random bytes, not a torch file, ...
-        raise CorruptCheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CorruptCheckpointError(f"{path}: cannot read checkpoint ({one_line(exc)})") from None
     if not isinstance(st, Mapping):
         raise CorruptCheckpointError(f"{path}: holds a {type(st).__name__}, not a training checkpoint")
     return st

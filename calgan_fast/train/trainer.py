@@ -45,6 +45,7 @@ from .checkpoint import (
     load_module_state,
     load_newest_checkpoint,
     prune_checkpoints,
+    remove_stale_temporaries,
 )
 from .config import ConfigError
 from .inference import EMA
@@ -208,6 +209,8 @@ class Trainer:
         if self.is_main:
             for sub in ("checkpoints", "models", "samples"):
                 (self.out / sub).mkdir(parents=True, exist_ok=True)
+            if resume:
+                remove_stale_temporaries(self.out / "checkpoints")
             if not resume:
                 with open(self.out / "config.yml", "w", encoding="utf-8") as f:
                     yaml.safe_dump(self.cfg, f, sort_keys=False)
