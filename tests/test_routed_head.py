@@ -204,7 +204,7 @@ def test_torch_compile_traces_the_op():
     floats = [inputs[0], *inputs[2:]]
 
     def f(*args):
-        out = routed_head(*args, backend="torch", check_range=False)
+        out = routed_head(*args, backend="torch")  # the default range check included
         return out.logits.sum() + out.mean.sum() + out.var.sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
@@ -214,3 +214,23 @@ def test_torch_compile_traces_the_op():
     (g_want,) = torch.autograd.grad(want, [floats[2]])
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g_got, g_want)
+
+
+def test_torch_compile_keeps_the_range_check():
+    x, expert, *rest = make_inputs(40, 8, 3, 2)
+    compiled = torch.compile(lambda *a: routed_head(*a, backend="torch").logits, backend="aot_eager",
+                             fullgraph=True)
+    compiled(x, expert, *rest)
+    bad = expert.clone()
+    bad[5] = 3
+    with pytest.raises(Exception, match=r"ids must lie in \[0, 3\).*\[0, 3\]"):
+        compiled(x, bad, *rest)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_torch_compile_fullgraph_discriminator_default(backend):
+    torch.manual_seed(0)
+    d = calgan_fast.CALGANDiscriminator(num_feat=4, num_experts=3, routing="argmax", backend=backend).eval()
+    img = torch.rand(1, 3, 16, 16)
+    compiled = torch.compile(d, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(img), d(img))

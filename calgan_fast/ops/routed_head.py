@@ -134,6 +134,30 @@ for _name in BACKENDS:
         backend_ops(_name)
 
 
+@torch.library.custom_op("calgan_fast::expert_ids", mutates_args=())
+def _expert_ids(expert: Tensor, num_experts: int, check_range: bool) -> Tensor:
+    """``expert`` as int64 (a new tensor); with ``check_range`` a ``ValueError`` when an id lies
+    outside ``[0, num_experts)``. An op of its own so that ``torch.compile(fullgraph=True)`` traces
+    the checked call without a data-dependent guard: the check runs when the graph runs."""
+    if check_range:
+        _check_expert_range(expert, num_experts)
+    return expert.to(torch.long, copy=True)
+
+
+@_expert_ids.register_fake
+def _expert_ids_fake(expert, num_experts, check_range):
+    return expert.new_empty(expert.shape, dtype=torch.long)
+
+
+def _check_expert_range(expert: Tensor, n: int) -> None:
+    if expert.device.type == "meta" or expert.numel() == 0:
+        return
+    lo, hi = torch.aminmax(expert)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= n:
+        raise ValueError(f"expert: ids must lie in [0, {n}) for {n} experts, found range [{lo}, {hi}]")
+
+
 def check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, *, check_range: bool = True):
     """Raise ``ValueError``/``TypeError`` naming the first bad argument of :func:`routed_head`."""
     for nm, t in (("x", x), ("expert", expert), ("gate", gate), ("proj", proj), ("w1", w1),
@@ -172,11 +196,8 @@ def check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, *, check_ran
                   ("w2", w2), ("b2", b2)):
         if t.device != x.device:
             raise ValueError(f"{nm}: on {t.device}, but x is on {x.device}")
-    if check_range and x.device.type != "meta":
-        lo, hi = torch.aminmax(expert)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= n:
-            raise ValueError(f"expert: ids must lie in [0, {n}) for {n} experts, found range [{lo}, {hi}]")
+    if check_range:
+        _check_expert_range(expert, n)
 
 
 def routed_head(
@@ -216,7 +237,9 @@ def routed_head(
     NaN policy: inputs are not scanned; a NaN in a row of ``x`` (or in an expert's weights)
     propagates to that row's logit and to the statistics of its expert, and nowhere else.
     """
-    check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, check_range=check_range)
+    # The range check runs inside an op (see _expert_ids), which torch.compile traces as is.
+    check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, check_range=False)
+    expert = _expert_ids(expert, proj.shape[0], bool(check_range))
     b = resolve_backend(backend, x.device, x.dtype)
     if b.name == "reference":
         with _no_autocast(x.device):
@@ -226,5 +249,5 @@ def routed_head(
     dt = x.dtype
     gate, proj, w1, b1, w2, b2 = (t if t.dtype == dt else t.to(dt) for t in (gate, proj, w1, b1, w2, b2))
     fwd, _ = backend_ops(b.name)
-    logits, count, mean, var = fwd(x, expert.long(), gate, proj, w1, b1, w2, b2)[:4]
+    logits, count, mean, var = fwd(x, expert, gate, proj, w1, b1, w2, b2)[:4]
     return RoutedHeadOutput(logits, count, mean, var)
