@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, ImageError, CheckpointError, RunFolderError, FileNotFoundError,
-            FileExistsError, ValueError) as exc:
-        print(f"calgan: error: {exc}", file=sys.stderr)
+    except (ConfigError, ImageError, CheckpointError, RunFolderError, OSError, ValueError) as exc:
+        msg = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())  # always one line
+        print(f"calgan: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("calgan: interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Reference implementations: the plainest correct code, the oracle of tests and benchmarks.
 
-Every ``*_ref`` here has the public signature of the op it checks, upcasts to fp32 (fp64 stays
-fp64) and is differentiable through plain PyTorch autograd. None of it is meant to be fast:
+Every ``*_ref`` here has the public signature of the op it checks, computes in fp64 whatever the
+input dtype (so that, as the oracle of the tests, its own rounding is far below any tolerance it
+checks, offset data included), returns fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 ones, and
+is differentiable through plain PyTorch autograd. None of it is meant to be fast:
 ``routed_head_ref`` runs every expert on every pixel and selects afterwards, exactly the dense
 computation the fused backends avoid.
 """
@@ -17,7 +19,7 @@ __all__ = ["routed_head_ref", "routing_metadata_ref", "LRELU_SLOPE"]
 LRELU_SLOPE = 0.2
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -54,11 +56,12 @@ def routed_head_ref(
         proj: ``(N, c, c)``. w1: ``(N, hdim, c)``. b1: ``(N, hdim)``. w2: ``(N, hdim)``. b2: ``(N,)``.
 
     Returns:
-        ``logits (M,)`` in the compute dtype (fp32, or fp64 for fp64 inputs), ``count (N,)`` int64,
-        ``mean (N, c)`` and ``var (N,)`` in the compute dtype.
+        ``logits (M,)`` (fp32, or fp64 for fp64 inputs), ``count (N,)`` int64, ``mean (N, c)`` and
+        ``var (N,)`` in the same dtype; all computed in fp64.
     """
     del backend
-    dt = _compute_dtype(x.dtype)
+    out_dt = _out_dtype(x.dtype)
+    dt = torch.float64
     x, gate, proj, w1, b1, w2, b2 = (t.to(dt) for t in (x, gate, proj, w1, b1, w2, b2))
     n_exp, c = proj.shape[0], proj.shape[1]
     expert = expert.long()
@@ -74,4 +77,4 @@ def routed_head_ref(
     mean = onehot.t() @ y / safe[:, None]
     dev = y[:, None, :] - mean[None]  # (M, N, c)
     var = (onehot[:, :, None] * dev.square()).sum((0, 2)) / (safe * c)
-    return logits, count.long(), mean, var
+    return logits.to(out_dt), count.long(), mean.to(out_dt), var.to(out_dt)

@@ -129,8 +129,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a string, got {type(backend).__name__}")
     name = backend.lower()
-    if name == "auto":
-        name = _env.backend_override() or "auto"
+    source = f"backend: unknown backend {backend!r}"
+    if name == "auto" and _env.backend_override():
+        name = _env.backend_override()
+        source = f"{_env.BACKEND_ENV}={name!r} (environment): unknown backend"
     if name == "auto":
         order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
         for cand in order:
@@ -141,10 +143,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
                 return b
         return BACKENDS["torch"]
     if name not in BACKENDS:
-        raise ValueError(
-            f"backend: unknown backend {backend!r}; choose one of "
-            f"{', '.join(['auto', *BACKENDS])}"
-        )
+        raise ValueError(f"{source}; choose one of {', '.join(['auto', *BACKENDS])}")
     b = BACKENDS[name]
     ok, how = b.available()
     if not ok:

@@ -18,6 +18,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _centred(w):
+    """``w`` minus its column means, in two passes: the second removes what rounding the first
+    mean left (an error of the order of ``w``'s ulp, not of its spread)."""
+    w = w - w.mean(0, keepdim=True)
+    return w.sub_(w.mean(0, keepdim=True))
+
+
 def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="torch"):
     """Returns ``(logits (M,) x.dtype, count (N,), mean (N, c), var (N,), perm (M,), offsets (N+1,),
     aux (0,))``: the backward keeps nothing else of the forward, so ``aux`` is empty."""
@@ -35,12 +42,13 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="torch"):
         lo, hi = bounds[e], bounds[e + 1]
         if lo == hi:
             continue
-        y = torch.mm(xs[lo:hi], proj[e].to(acc).t()).mul_(gs[lo:hi, None])
+        o_e = proj[e].to(acc)
+        y = torch.mm(xs[lo:hi], o_e.t()).mul_(gs[lo:hi, None])
         z = F.leaky_relu_(torch.addmm(b1[e].to(acc), y, w1[e].to(acc).t()), LRELU_SLOPE)
         torch.addmv(b2[e].to(acc), z, w2[e].to(acc), out=logits_s[lo:hi])
-        v, mu = torch.var_mean(y, dim=0, correction=0)
-        mean[e] = mu
-        var[e] = v.mean()
+        mean[e] = y.mean(0)
+        # The variance from the centred gated rows: exact however large the mean is against the spread.
+        var[e] = torch.mm(_centred(xs[lo:hi] * gs[lo:hi, None]), o_e.t()).square().mean()
     logits = torch.empty_like(logits_s).index_copy_(0, perm, logits_s)
     return logits.to(x.dtype), count, mean, var, perm, offsets, mean.new_empty(0)
 
@@ -83,13 +91,20 @@ def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count,
         dh = slope.mul_(gl[:, None]).mul_(w2[e].to(acc))
         torch.mm(dh.t(), y, out=dw1[e])
         db1[e] = dh.sum(0)
-        # Statistics: d mean_e / d y_p = 1/n; d var_e / d y_p = 2 (y_p - mean_e) / (n c).
+        # Statistics: d mean_e / d y_p = 1/n; d var_e / d y_p = 2 (y_p - mean_e) / (n c). With the
+        # gated rows w_p = gate_p x_p centred, y_p - mean_e = proj_e (w_p - mean w) =: yc_p is formed
+        # without cancellation, and the variance's share of d proj_e, k sum_p yc_p w_p^T, equals
+        # k yc^T (w - mean w) (the yc_p sum to zero): a cross-covariance, never a difference of
+        # large sums.
         k = gvar[e] * 2.0 / (n * c)
-        dy = torch.addmm(gmean[e] / n - k * mean[e].to(acc), dh, w1_e).add_(y, alpha=k)
+        wc = _centred(xe * ge)
+        yc = torch.mm(wc, o_e.t())
+        dy_rest = torch.addmm(gmean[e] / n, dh, w1_e)
+        dy = dy_rest + k * yc
         torch.linalg.vecdot(dy, u, out=dgs[lo:hi])
-        du = dy.mul_(ge)
-        torch.mm(du.t(), xe, out=dproj[e])
-        torch.mm(du, o_e, out=dxs[lo:hi])
+        torch.mm(dy_rest.mul_(ge).t(), xe, out=dproj[e])
+        dproj[e].addmm_(yc.t(), wc, alpha=k)
+        torch.mm(dy.mul_(ge), o_e, out=dxs[lo:hi])
     dx = torch.empty_like(dxs).index_copy_(0, perm, dxs)
     dgate = torch.empty_like(dgs).index_copy_(0, perm, dgs)
     return (

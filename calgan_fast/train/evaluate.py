@@ -1,6 +1,9 @@
 """Evaluation of SR results against ground truth: per-image and mean PSNR/SSIM (Y, border crop).
 
 Outputs are written as ``metrics.csv``, ``metrics.json`` and ``metrics.md`` (a Markdown table).
+``metrics.json`` is strict JSON: a value that is not a finite number (the PSNR of an image
+identical to its ground truth is infinite) is written as the string ``"inf"``, ``"-inf"`` or
+``"nan"``.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -18,15 +22,37 @@ from ..data import ImageError, img2tensor, list_images, read_image, tensor2img
 from ..metrics import psnr, ssim
 from .inference import upscale_tiled
 
-__all__ = ["learned_metrics", "markdown_table", "evaluate_pairs", "evaluate_folders", "evaluate_model", "write_results"]
+__all__ = ["json_safe", "learned_metrics", "markdown_table", "evaluate_pairs", "evaluate_folders", "evaluate_model", "write_results"]
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by ``"inf"``, ``"-inf"`` or ``"nan"``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale: must be an integer >= 1, got {scale!r}")
 
 
 def _match(sr_files: list[Path], gt_files: list[Path], scale: int, gt_dir) -> list[tuple[Path, Path]]:
-    by_stem = {p.stem: p for p in sr_files}
+    by_stem: dict[str, list[Path]] = {}
+    for p in sr_files:
+        by_stem.setdefault(p.stem, []).append(p)
     pairs, missing = [], []
     for g in gt_files:
         cands = [g.stem, f"{g.stem}x{scale}", f"{g.stem}_x{scale}", f"{g.stem}_SR", f"{g.stem}_out"]
-        s = next((by_stem[c] for c in cands if c in by_stem), None)
+        found = next((by_stem[c] for c in cands if c in by_stem), None)
+        if found is not None and len(found) > 1:
+            raise ImageError(f"{found[0].parent}: {' and '.join(p.name for p in found)} are both the image "
+                             f"for {g.name}; keep one")
+        s = found[0] if found else None
         (pairs.append((s, g)) if s is not None else missing.append(g.name))
     if missing:
         raise ImageError(f"{gt_dir}: no SR image for {', '.join(missing[:3])}"
@@ -70,6 +96,7 @@ def evaluate_pairs(pairs, scale: int, crop_border: int | None = None, test_y_cha
     """
     from ..metrics import frechet_distance
 
+    _check_scale(scale)
     border = scale if crop_border is None else crop_border
     learned = learned or {}
     rows, feats_sr, feats_gt = [], [], []
@@ -78,8 +105,12 @@ def evaluate_pairs(pairs, scale: int, crop_border: int | None = None, test_y_cha
         if gt.shape[0] - h not in range(scale) or gt.shape[1] - w not in range(scale):
             raise ImageError(f"{name}: SR is {w}x{h} but GT is {gt.shape[1]}x{gt.shape[0]}")
         gt = gt[:h, :w]
-        row = {"name": name, "psnr": psnr(sr, gt, border, test_y_channel),
-               "ssim": ssim(sr, gt, border, test_y_channel)}
+        try:
+            row = {"name": name, "psnr": psnr(sr, gt, border, test_y_channel),
+                   "ssim": ssim(sr, gt, border, test_y_channel)}
+        except ValueError as exc:  # the metrics name their arguments (img, crop_border): name the file
+            msg = str(exc).removeprefix("img and ref: ").removeprefix("img: ")
+            raise ImageError(f"{name}: {msg}") from None
         if learned or fid_extractor is not None:
             ts, tg = img2tensor(sr)[None], img2tensor(gt)[None]
             for key, m in learned.items():
@@ -102,6 +133,7 @@ def evaluate_pairs(pairs, scale: int, crop_border: int | None = None, test_y_cha
 def evaluate_folders(sr_dir, gt_dir, scale: int = 4, crop_border: int | None = None,
                      test_y_channel: bool = True, learned: dict | None = None, fid_extractor=None) -> dict:
     """Compares every GT image with the SR image of the same name (or ``NAMEx4``...)."""
+    _check_scale(scale)
     pairs = _match(list_images(sr_dir, "--sr folder"), list_images(gt_dir, "--gt folder"), scale, gt_dir)
     return evaluate_pairs(((g.name, read_image(s), read_image(g)) for s, g in pairs), scale,
                           crop_border, test_y_channel, learned, fid_extractor)
@@ -112,6 +144,7 @@ def evaluate_model(model, lr_dir, gt_dir, scale: int = 4, crop_border: int | Non
                    test_y_channel: bool = True, tile: int | None = None, device: str = "cpu",
                    learned: dict | None = None, fid_extractor=None) -> dict:
     """Runs ``model`` on the LR images (matched by name to GT) and evaluates its outputs."""
+    _check_scale(scale)
     lrs = list_images(lr_dir, "--lr folder")
     pairs = _match(lrs, list_images(gt_dir, "--gt folder"), scale, gt_dir)
 
@@ -156,7 +189,7 @@ def write_results(res: dict, out_dir: str | os.PathLike, overwrite: bool = False
     for r in res["images"]:
         wr.writerow([r["name"], *(f"{r[k]:.6f}" for k in keys)])
     wr.writerow(["mean", *(f"{res['mean'][k]:.6f}" for k in keys)])
-    texts = [buf.getvalue(), json.dumps(res, indent=2), markdown_table(res)]
+    texts = [buf.getvalue(), json.dumps(json_safe(res), indent=2, allow_nan=False), markdown_table(res)]
     for p, text in zip(paths, texts):
         tmp = p.with_name(f".{p.name}.tmp")
         tmp.write_text(text, encoding="utf-8")

@@ -546,7 +546,9 @@ class Trainer:
         hist["history"] = [h for h in hist["history"] if h["iter"] < self.it] + [res]
         hist["final"] = res
         tmp = path.with_name(f".metrics.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(hist, indent=2))
+        from .evaluate import json_safe
+
+        tmp.write_text(json.dumps(json_safe(hist), indent=2, allow_nan=False))
         os.replace(tmp, path)
         if self.tb is not None:
             self.tb.add_scalar("val/psnr", res["psnr"], self.it)
