@@ -207,6 +207,20 @@ def default_vgg19_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
 
 
+def _download_vgg19(path: Path) -> None:
+    """torchvision's download of its ImageNet VGG19 file into the torch hub cache; a failure
+    (offline machine) is left to the caller's missing-file error."""
+    import warnings
+
+    from torchvision.models import VGG19_Weights
+
+    try:
+        torch.hub.load_state_dict_from_url(VGG19_Weights.IMAGENET1K_V1.url, model_dir=str(path.parent),
+                                           progress=False, check_hash=True)
+    except Exception as exc:  # network errors, a partial file, a bad hash
+        warnings.warn(f"could not download the VGG19 weights ({type(exc).__name__}: {exc})", stacklevel=3)
+
+
 class PerceptualLoss(nn.Module):
     """L1 distance of VGG19 features before ReLU (ESRGAN's perceptual loss).
 
@@ -214,14 +228,17 @@ class PerceptualLoss(nn.Module):
         weights: ``"imagenet"`` (default) loads torchvision's ImageNet VGG19 from the torch hub cache
             (``default_vgg19_path()``); a path loads that file (a torchvision ``vgg19`` state dict,
             whole or ``features.*`` only); ``None`` keeps random weights (tests only). A missing
-            file raises ``FileNotFoundError`` naming where it looked; nothing is downloaded.
+            file raises ``FileNotFoundError`` naming where it looked.
         layer_weights: mapping of ``conv1_2 … conv5_4`` to weights (default 0.1, 0.1, 1, 1, 1).
+        download: with ``weights="imagenet"`` and no file in the cache, fetch it with torchvision's
+            own download (``VGG19_Weights.IMAGENET1K_V1`` into the torch hub cache). Offline, the
+            download fails and the same ``FileNotFoundError`` says where the file goes.
 
     ``forward(sr, hr)``: ``(B, 3, H, W)`` images in [0, 1]; returns a scalar.
     """
 
     def __init__(self, weights: str | os.PathLike | None = "imagenet",
-                 layer_weights: Mapping[str, float] | None = None):
+                 layer_weights: Mapping[str, float] | None = None, download: bool = False):
         super().__init__()
         from torchvision.models import vgg19
 
@@ -236,6 +253,8 @@ class PerceptualLoss(nn.Module):
         features = vgg19(weights=None).features[: last + 1]
         if weights is not None:
             path = default_vgg19_path() if weights == "imagenet" else Path(weights)
+            if weights == "imagenet" and download and not path.is_file():
+                _download_vgg19(path)
             if not path.is_file():
                 raise FileNotFoundError(
                     f"VGG19 weights not found: looked for {path}. Put torchvision's ImageNet VGG19 "

@@ -1,12 +1,15 @@
 """Modules of calgan_fast."""
 
 from .discriminator import (
+    PATCH_SIZES,
     CALGANDiscriminator,
     DiscriminatorConfig,
     DiscriminatorOutput,
     ExpertStats,
     Routing,
+    calibrate_bn,
     feature_extractor,
+    real_statistics_only,
 )
 
 __all__ = [
@@ -14,6 +17,9 @@ __all__ = [
     "DiscriminatorConfig",
     "DiscriminatorOutput",
     "ExpertStats",
+    "PATCH_SIZES",
     "Routing",
+    "calibrate_bn",
     "feature_extractor",
+    "real_statistics_only",
 ]
