@@ -52,12 +52,11 @@ def routing_image(routing, index: int = 0) -> np.ndarray:
 def routing_map(D, image, index: int = 0, calibrate=None) -> np.ndarray:
     """``(H', W', 3)`` uint8 expert map of ``image`` as ``D`` routes it, at image resolution.
 
-    ``D`` (a :class:`calgan_fast.CALGANDiscriminator`) runs in eval mode: argmax routing, BatchNorm
-    with its running statistics. Those come from real passes only when D was trained by this
-    library (:func:`calgan_fast.nn.real_statistics_only`), so eval mode routes as training did.
-    ``calibrate``: an iterable of real image batches; when given, the running statistics are first
-    recomputed from them (:func:`calgan_fast.nn.calibrate_bn`), for a D whose statistics mix real and
-    fake passes. ``image``: ``(B, 3, H, W)`` or ``(3, H, W)`` in [0, 1]; it is cropped to multiples
+    ``D`` (a :class:`calgan_fast.CALGANDiscriminator`) runs in eval mode: argmax routing, and
+    BatchNorm as in training, with the statistics of the batch being scored (``eval_bn="batch"``,
+    the default), so the map is the routing training used (with argmax in place of Gumbel noise).
+    ``calibrate``: an iterable of real image batches, for ``eval_bn="running"``: the running
+    statistics are first recomputed from them (:func:`calgan_fast.nn.calibrate_bn`). ``image``: ``(B, 3, H, W)`` or ``(3, H, W)`` in [0, 1]; it is cropped to multiples
     of D's patch size p (``H' = H // p · p``) and each feature pixel is drawn as a p x p block.
     """
     from .nn import calibrate_bn

@@ -287,3 +287,91 @@ def test_ablation_config_trains_two_iterations(path, tmp_path, monkeypatch):
         assert last["d_total"] == pytest.approx(last["d_adv"])
     else:
         assert len(last["expert_usage"]) == d["num_experts"]
+
+
+# ------------------------------------------------------------------ D in eval mode
+
+
+def _real_and_degraded(k: int, g: torch.Generator, size: int = 32):
+    import torch.nn.functional as F
+
+    hr = torch.rand(k, 3, size, size, generator=g) * 0.6 + 0.2 * torch.rand(k, 3, 1, 1, generator=g)
+    sr = F.interpolate(F.avg_pool2d(hr, 4), scale_factor=4, mode="bilinear", align_corners=False)
+    return hr, sr
+
+
+def test_fake_and_eval_passes_leave_running_statistics_alone():
+    D = CALGANDiscriminator(num_feat=4, num_experts=3, backend="torch").train()
+    bns = [m for m in D.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    snap = [(b.running_mean.clone(), b.running_var.clone(), int(b.num_batches_tracked)) for b in bns]
+    real = D(torch.rand(2, 3, 16, 16), return_aux=True)
+    moved = [(b.running_mean.clone(), b.running_var.clone(), int(b.num_batches_tracked)) for b in bns]
+    assert all(not torch.equal(a[0], b[0]) for a, b in zip(snap, moved))
+    D(torch.rand(2, 3, 16, 16), routing=real.routing.detach())  # the fake pass
+    D.eval()
+    D(torch.rand(2, 3, 16, 16))
+    for (m, v, n), b in zip(moved, bns):
+        assert torch.equal(m, b.running_mean) and torch.equal(v, b.running_var) and n == b.num_batches_tracked
+    assert all(not b.training for b in bns)
+
+
+def test_eval_mode_routes_and_scores_as_training():
+    """A small D trained on real vs degraded crops: eval mode gives train mode's argmax routing and
+    accuracy on held-out crops. Its running statistics would not (eval_bn="running")."""
+    import copy
+
+    from calgan_fast.losses import _accuracy, discriminator_loss
+    from calgan_fast.viz import routing_image, routing_map
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        D = CALGANDiscriminator(num_feat=8, num_experts=4, backend="torch")
+        opt = torch.optim.Adam(D.parameters(), 1e-3, betas=(0.9, 0.99))
+        for _ in range(100):
+            hr, sr = _real_and_degraded(8, g)
+            d = discriminator_loss(D, hr, sr, {"dist": 0.1})
+            opt.zero_grad()
+            d["total"].backward()
+            opt.step()
+        hr, sr = _real_and_degraded(16, g)
+        train_mode = copy.deepcopy(D)
+        object.__setattr__(train_mode.config, "routing", "argmax")  # train-mode BN, argmax routing
+        with torch.no_grad():
+            rt = train_mode(hr, return_aux=True)
+            acc_train = _accuracy(rt.logits, train_mode(sr, routing=rt.routing), "relativistic")
+            D.eval()
+            re = D(hr, return_aux=True)
+            acc_eval = _accuracy(re.logits, D(sr, routing=re.routing), "relativistic")
+            running = copy.deepcopy(D)
+            object.__setattr__(running.config, "eval_bn", "running")
+            rr = running(hr, return_aux=True)
+            acc_running = _accuracy(rr.logits, running(sr, routing=rr.routing), "relativistic")
+        assert min(a.item() for a in acc_train) > 0.9  # D has learned
+        assert torch.equal(re.routing.expert, rt.routing.expert)
+        assert [a.item() for a in acc_eval] == [a.item() for a in acc_train]
+        assert sum(a.item() for a in acc_running) / 2 < 0.8  # fixed statistics score fakes differently
+        np_map = routing_map(D, hr, index=3)  # the batch scored together, as in training
+        assert np_map.shape == (32, 32, 3)
+        assert (np_map[::4, ::4] == routing_image(rt.routing, 3)).all()
+        assert not D.training
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_calibrate_bn_averages_real_batch_statistics():
+    from calgan_fast.nn import calibrate_bn
+
+    D = CALGANDiscriminator(num_feat=4, num_experts=2, backend="torch", eval_bn="running").eval()
+    batches = [torch.rand(2, 3, 16, 16) for _ in range(3)]
+    calibrate_bn(D, batches)
+    first = D.features[1]  # LReLU after the first conv; BN 3 sees conv 2's output
+    bn, conv = D.features[3], D.features[2]
+    with torch.no_grad():
+        means = [conv(first(D.features[0](x))).mean(dim=(0, 2, 3)) for x in batches]
+    torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0))
+    assert not D.training
+    with pytest.raises(ValueError, match="batches"):
+        calibrate_bn(D, [])

@@ -20,6 +20,7 @@ __all__ = [
     "ExpertStats",
     "PATCH_SIZES",
     "Routing",
+    "batch_statistics",
     "calibrate_bn",
     "feature_extractor",
     "real_statistics_only",
@@ -79,6 +80,7 @@ class DiscriminatorConfig:
     share_classifier: bool = False
     backend: str = "auto"
     patch_size: int = 4
+    eval_bn: str = "batch"
 
     def __post_init__(self):
         for name in ("in_channels", "num_feat", "num_experts"):
@@ -90,6 +92,8 @@ class DiscriminatorConfig:
             raise ValueError(f"routing: expected one of {_ROUTINGS}, got {self.routing!r}")
         if not self.tau > 0:
             raise ValueError(f"tau: must be > 0, got {self.tau}")
+        if self.eval_bn not in ("batch", "running"):
+            raise ValueError(f"eval_bn: expected 'batch' or 'running', got {self.eval_bn!r}")
         if isinstance(self.patch_size, bool) or self.patch_size not in PATCH_SIZES:
             raise ValueError(f"patch_size: expected one of {list(PATCH_SIZES)} (a power of two up to 16), "
                              f"got {self.patch_size!r}")
@@ -131,9 +135,8 @@ def real_statistics_only(module: nn.Module):
     """Passes inside do not change the BatchNorm running statistics of ``module``.
 
     In training mode BN still normalises with the batch's own statistics; only the running
-    averages (what eval mode uses) are left alone. Fake (SR) passes run inside it, so the running
-    statistics are those of real images: eval mode then sees D as it was trained on real images,
-    not normalised by an average of real and fake batches.
+    averages are left alone. Fake (SR) passes run inside it, so the running statistics are those of
+    real images, not an average of real and fake batches.
     """
     saved = []
     for bn in _batch_norms(module):
@@ -148,15 +151,30 @@ def real_statistics_only(module: nn.Module):
             bn.num_batches_tracked.copy_(tracked)
 
 
+@contextlib.contextmanager
+def batch_statistics(module: nn.Module):
+    """Passes inside normalise every BatchNorm of ``module`` with the batch's own statistics, as
+    training mode does, and leave the running statistics unchanged, whatever the module's mode."""
+    bns = [bn for bn in _batch_norms(module) if not bn.training]
+    for bn in bns:
+        bn.train()
+    try:
+        with real_statistics_only(module):
+            yield module
+    finally:
+        for bn in bns:
+            bn.eval()
+
+
 @torch.no_grad()
 def calibrate_bn(module: nn.Module, batches) -> nn.Module:
     """Recomputes the BatchNorm running statistics of ``module`` from real images.
 
     ``batches``: an iterable of ``(B, C, H, W)`` image tensors (real/HR images). The running means
     and variances become the plain average over these batches of each batch's statistics (as BN
-    computes them in training mode); weights do not change. Use it on a discriminator whose running
-    statistics mix real and fake passes (one trained without :func:`real_statistics_only`) before
-    evaluating it. Returns ``module`` in the mode it was in.
+    computes them in training mode); weights do not change. For a discriminator evaluated with its
+    running statistics (``eval_bn="running"``) whose statistics mix real and fake passes (one
+    trained elsewhere). Returns ``module`` in the mode it was in.
     """
     bns = _batch_norms(module)
     if not bns:
@@ -196,6 +214,11 @@ class CALGANDiscriminator(nn.Module):
         backend: routed-head backend (see :func:`calgan_fast.routed_head`).
         patch_size: p, the image patch of one feature pixel (1, 2, 4, 8 or 16; see
             :func:`feature_extractor`). The routed head does not depend on it.
+        eval_bn: how BatchNorm normalises in eval mode. ``"batch"`` (default): with the statistics
+            of the batch being scored, as in training, where the real and the fake batch are each
+            normalised by their own statistics; the running statistics are not changed. Score real
+            and fake images in separate batches, as training does. ``"running"``: torch's usual
+            running averages, which come from real passes only (see below).
 
     ``forward(x, routing=None, return_aux=False)``: ``x`` is ``(B, in_channels, H, W)`` in
     [0, 1] with H, W multiples of p; returns logits ``(B, 1, H/p, W/p)``, or with
@@ -204,15 +227,19 @@ class CALGANDiscriminator(nn.Module):
 
     BatchNorm: a training-mode pass given ``routing=`` (the fake image of a pair) normalises with
     its own batch statistics but leaves the running statistics alone (:func:`real_statistics_only`),
-    so these come from real passes and eval mode scores images as training did.
+    so these come from real passes only. A D trained with per-batch statistics is a different
+    function under any fixed statistics (a fake batch normalised by real statistics is scored
+    differently from how training scored it), hence ``eval_bn="batch"``: eval mode then routes and
+    scores exactly as training mode with argmax routing does.
     """
 
     def __init__(self, in_channels: int = 3, num_feat: int = 64, num_experts: int = 12,
                  hidden: int | None = None, routing: str = "gumbel", tau: float = 1.0,
-                 share_classifier: bool = False, backend: str = "auto", patch_size: int = 4):
+                 share_classifier: bool = False, backend: str = "auto", patch_size: int = 4,
+                 eval_bn: str = "batch"):
         super().__init__()
         cfg = DiscriminatorConfig(in_channels, num_feat, num_experts, hidden, routing, tau,
-                                  share_classifier, backend, patch_size)
+                                  share_classifier, backend, patch_size, eval_bn)
         self.config = cfg
         c = 4 * num_feat
         hdim = hidden or max(1, c // 8)
@@ -298,11 +325,13 @@ class CALGANDiscriminator(nn.Module):
 
     def forward(self, x: Tensor, routing: Routing | None = None, return_aux: bool = False):
         self._check_input(x)
-        if routing is None:
-            feats = self.features(x)  # (B, c, h, w)
+        if not self.training:
+            stats = batch_statistics if self.config.eval_bn == "batch" else contextlib.nullcontext
         else:
-            with real_statistics_only(self.features):
-                feats = self.features(x)
+            # A given routing marks the fake image of a pair: no running-statistics update.
+            stats = real_statistics_only if routing is not None else contextlib.nullcontext
+        with stats(self.features):
+            feats = self.features(x)  # (B, c, h, w)
         b, c, h, w = feats.shape
         if routing is None:
             routing = self.route(self.router(feats))

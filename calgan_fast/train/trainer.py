@@ -542,7 +542,7 @@ class Trainer:
             return
         from ..viz import routing_map
 
-        # Eval mode: BN running statistics come from real passes only, so this is D as trained.
+        # Eval mode: argmax routing, BN with the batch's own statistics as in training.
         rmap = routing_map(self.net_d, gt)  # one feature pixel = one p x p patch
         hr = tensor2img(gt[0])[: rmap.shape[0], : rmap.shape[1]]
         blend = (0.5 * hr.astype(np.float32) + 0.5 * rmap.astype(np.float32)).round().astype(np.uint8)
