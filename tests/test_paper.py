@@ -268,7 +268,7 @@ def test_ablation_config_trains_two_iterations(path, tmp_path, monkeypatch):
     d = full["network_d"]
     assert full["train"]["perceptual_opt"]["enabled"] is True and full["datasets"]["train"]["batch_size"] == 48
     if path.stem.startswith("table3_"):
-        key = {"balancing": "lambda_b", "orthogonality": "lambda_o", "distribution": "lambda_d"}[path.stem[9:]]
+        key = {"balancing": "lambda_b", "orthogonality": "lambda_o", "distribution": "lambda_d"}[path.stem[10:]]
         assert full["train"]["d_opt"][key] == 0
     gt = 128 if d["type"] == "VGGStyleDiscriminator" else 32
     # Tiny sizes; what the file chooses (type, N, p, λ) is kept.

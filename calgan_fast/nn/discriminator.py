@@ -151,19 +151,29 @@ def real_statistics_only(module: nn.Module):
             bn.num_batches_tracked.copy_(tracked)
 
 
+def _batch_stats_forward(bn: nn.modules.batchnorm._BatchNorm):
+    def forward(x: Tensor) -> Tensor:
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+    return forward
+
+
 @contextlib.contextmanager
 def batch_statistics(module: nn.Module):
     """Passes inside normalise every BatchNorm of ``module`` with the batch's own statistics, as
-    training mode does, and leave the running statistics unchanged, whatever the module's mode."""
-    bns = [bn for bn in _batch_norms(module) if not bn.training]
+    training mode does, and leave the running statistics unchanged, whatever the module's mode.
+
+    Each process uses its own batch (a SyncBatchNorm does not communicate here), so a pass on one
+    process alone, such as drawing a routing map, is safe under ``torch.distributed``.
+    """
+    bns = _batch_norms(module)
     for bn in bns:
-        bn.train()
+        bn.forward = _batch_stats_forward(bn)  # an instance attribute shadows the class's forward
     try:
-        with real_statistics_only(module):
-            yield module
+        yield module
     finally:
         for bn in bns:
-            bn.eval()
+            del bn.forward
 
 
 @torch.no_grad()
