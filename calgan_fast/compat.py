@@ -12,7 +12,8 @@ every pixel and the top-1 expert's output is selected afterwards, so its head co
 - one classifier is shared by all experts;
 - the router is a bias-free matrix ``w_gating1`` with plain softmax routing (no Gumbel noise);
 - the "LDA" loss is computed on the whole per-expert feature tensors, not on per-expert statistics
-  of the routed pixels; balancing is the switch-style loss; the GAN loss halves both terms.
+  of the routed pixels; balancing is the switch-style loss. The GAN loss is ESRGAN's (the same as
+  :func:`calgan_fast.losses.gan_loss`): it halves both terms and detaches the opposite pass.
 """
 
 from __future__ import annotations
@@ -128,13 +129,22 @@ def official_d_losses(routing: Tensor, features, ortho_weight: Tensor) -> dict:
 
 
 def official_gan_loss(real_out: Tensor, fake_out: Tensor, for_discriminator: bool = True) -> Tensor:
-    """The authors' relativistic loss: ``0.5·BCE(real − mean(fake), t) + 0.5·BCE(fake − mean(real), 1−t)``
-    with ``t = 1`` for D and ``0`` for G."""
+    """The relativistic loss of the authors' training code, which is BasicSR's ``ESRGANModel``.
+
+    For D (``l_d_real + l_d_fake``): ``0.5·BCE(real − mean(fake.detach()), 1)
+    + 0.5·BCE(fake − mean(real.detach()), 0)``. For G (``l_g_gan``): ``(BCE(real.detach() −
+    mean(fake), 0) + BCE(fake − mean(real.detach()), 1)) / 2``. The opposite pass is detached as
+    ``ESRGANModel.optimize_parameters`` detaches it.
+    """
     bce = F.binary_cross_entropy_with_logits
-    dr = real_out - fake_out.mean()
-    df = fake_out - real_out.mean()
-    t = 1.0 if for_discriminator else 0.0
-    return 0.5 * bce(dr, torch.full_like(dr, t)) + 0.5 * bce(df, torch.full_like(df, 1.0 - t))
+    if for_discriminator:
+        l_d_real = 0.5 * bce(real_out - fake_out.detach().mean(), torch.ones_like(real_out))
+        l_d_fake = 0.5 * bce(fake_out - real_out.detach().mean(), torch.zeros_like(fake_out))
+        return l_d_real + l_d_fake
+    real_d_pred = real_out.detach()
+    l_g_real = bce(real_d_pred - fake_out.mean(), torch.zeros_like(real_d_pred))
+    l_g_fake = bce(fake_out - real_d_pred.mean(), torch.ones_like(fake_out))
+    return (l_g_real + l_g_fake) / 2
 
 
 def official_discriminator_loss(D: OfficialMOD, hr: Tensor, sr: Tensor) -> dict:

@@ -87,31 +87,39 @@ def distribution_loss(stats: ExpertStats, return_parts: bool = False):
     return (total, between, within) if return_parts else total
 
 
-def gan_loss(real: Tensor, fake: Tensor, kind: str = "relativistic", for_discriminator: bool = True) -> Tensor:
-    """Adversarial loss on logits.
+def gan_loss(real: Tensor, fake: Tensor, gan_type: str = "relativistic", for_discriminator: bool = True) -> Tensor:
+    """Adversarial loss on logits, in the convention of ESRGAN, BasicSR and the authors' code.
 
-    ``relativistic`` (RaGAN, averaged over the batch's pixels): for D,
-    ``BCE(real − mean(fake), 1) + BCE(fake − mean(real), 0)``; for G the targets swap.
-    ``vanilla``: for D ``BCE(real, 1) + BCE(fake, 0)``; for G ``BCE(fake, 1)`` (``real`` unused).
+    ``relativistic`` (RaGAN, each BCE averaged over the batch's pixels), ``r`` and ``f`` the real
+    and fake logits:
+
+    - for D, ``0.5·BCE(r − mean(f.detach()), 1) + 0.5·BCE(f − mean(r.detach()), 0)``;
+    - for G, ``0.5·BCE(r.detach() − mean(f), 0) + 0.5·BCE(f − mean(r.detach()), 1)``.
+
+    ``vanilla`` (Eq. 9 of the paper): for D ``BCE(r, 1) + BCE(f, 0)``; for G ``BCE(f, 1)``
+    (``real`` unused).
     """
     bce = F.binary_cross_entropy_with_logits
     real, fake = real.float(), fake.float()
-    if kind == "relativistic":
-        dr = real - fake.mean()
-        df = fake - real.mean()
-        t_real, t_fake = (1.0, 0.0) if for_discriminator else (0.0, 1.0)
-        return bce(dr, torch.full_like(dr, t_real)) + bce(df, torch.full_like(df, t_fake))
-    if kind == "vanilla":
+    if gan_type == "relativistic":
+        if for_discriminator:
+            dr = real - fake.detach().mean()
+            df = fake - real.detach().mean()
+            return 0.5 * bce(dr, torch.ones_like(dr)) + 0.5 * bce(df, torch.zeros_like(df))
+        dr = real.detach() - fake.mean()
+        df = fake - real.detach().mean()
+        return 0.5 * bce(dr, torch.zeros_like(dr)) + 0.5 * bce(df, torch.ones_like(df))
+    if gan_type == "vanilla":
         if for_discriminator:
             return bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))
         return bce(fake, torch.ones_like(fake))
-    raise ValueError(f"kind: expected 'relativistic' or 'vanilla', got {kind!r}")
+    raise ValueError(f"gan_type: expected 'relativistic' or 'vanilla', got {gan_type!r}")
 
 
-def _accuracy(real: Tensor, fake: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+def _accuracy(real: Tensor, fake: Tensor, gan_type: str) -> tuple[Tensor, Tensor]:
     """Fraction of real and of fake pixels that D classifies right (the rule its loss uses)."""
     real, fake = real.detach().float(), fake.detach().float()
-    if kind == "relativistic":
+    if gan_type == "relativistic":
         return (real > fake.mean()).float().mean(), (fake < real.mean()).float().mean()
     return (real > 0).float().mean(), (fake < 0).float().mean()
 
@@ -121,7 +129,7 @@ def _unwrap(d: nn.Module) -> nn.Module:
 
 
 def discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, weights: Mapping[str, float] | None = None,
-                       balance: str = "paper", gan: str = "relativistic",
+                       balance: str = "paper", gan_type: str = "relativistic",
                        real: DiscriminatorOutput | None = None) -> dict:
     """The discriminator's loss of one (HR, SR) batch (DESIGN §4).
 
@@ -141,9 +149,9 @@ def discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, weights: Mapping[st
     l_b = balancing_loss(real.routing.probs, real.routing.expert, balance)
     l_o = orthogonal_loss(_unwrap(D).proj)
     l_d, l_btw, l_wi = distribution_loss(real.stats, return_parts=True)
-    l_adv = gan_loss(real.logits, fake.logits, gan, for_discriminator=True)
+    l_adv = gan_loss(real.logits, fake.logits, gan_type, for_discriminator=True)
     total = w["balance"] * l_b + w["ortho"] * l_o + w["dist"] * l_d + w["adv"] * l_adv
-    acc_real, acc_fake = _accuracy(real.logits, fake.logits, gan)
+    acc_real, acc_fake = _accuracy(real.logits, fake.logits, gan_type)
     stats = ExpertStats(real.stats.count, real.stats.mean.detach(), real.stats.var.detach())
     return {
         "balance": l_b, "ortho": l_o, "dist": l_d, "dist_between": l_btw, "dist_within": l_wi,
@@ -165,7 +173,7 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
-def generator_adversarial_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan: str = "relativistic",
+def generator_adversarial_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str = "relativistic",
                                real: DiscriminatorOutput | None = None) -> Tensor:
     """L_gen (Eq. 1): D scores ``sr`` with the experts of ``hr`` (HR routing reused); D's
     parameters receive no gradient, ``sr`` does.
@@ -181,7 +189,7 @@ def generator_adversarial_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan: str = 
             real = D(hr, return_aux=True)
     with frozen(D):
         fake = D(sr, routing=real.routing)
-    return gan_loss(real.logits.detach(), fake, gan, for_discriminator=False)
+    return gan_loss(real.logits.detach(), fake, gan_type, for_discriminator=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +207,20 @@ def default_vgg19_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
 
 
+def _download_vgg19(path: Path) -> None:
+    """torchvision's download of its ImageNet VGG19 file into the torch hub cache; a failure
+    (offline machine) is left to the caller's missing-file error."""
+    import warnings
+
+    from torchvision.models import VGG19_Weights
+
+    try:
+        torch.hub.load_state_dict_from_url(VGG19_Weights.IMAGENET1K_V1.url, model_dir=str(path.parent),
+                                           progress=False, check_hash=True)
+    except Exception as exc:  # network errors, a partial file, a bad hash
+        warnings.warn(f"could not download the VGG19 weights ({type(exc).__name__}: {exc})", stacklevel=3)
+
+
 class PerceptualLoss(nn.Module):
     """L1 distance of VGG19 features before ReLU (ESRGAN's perceptual loss).
 
@@ -206,14 +228,17 @@ class PerceptualLoss(nn.Module):
         weights: ``"imagenet"`` (default) loads torchvision's ImageNet VGG19 from the torch hub cache
             (``default_vgg19_path()``); a path loads that file (a torchvision ``vgg19`` state dict,
             whole or ``features.*`` only); ``None`` keeps random weights (tests only). A missing
-            file raises ``FileNotFoundError`` naming where it looked; nothing is downloaded.
+            file raises ``FileNotFoundError`` naming where it looked.
         layer_weights: mapping of ``conv1_2 … conv5_4`` to weights (default 0.1, 0.1, 1, 1, 1).
+        download: with ``weights="imagenet"`` and no file in the cache, fetch it with torchvision's
+            own download (``VGG19_Weights.IMAGENET1K_V1`` into the torch hub cache). Offline, the
+            download fails and the same ``FileNotFoundError`` says where the file goes.
 
     ``forward(sr, hr)``: ``(B, 3, H, W)`` images in [0, 1]; returns a scalar.
     """
 
     def __init__(self, weights: str | os.PathLike | None = "imagenet",
-                 layer_weights: Mapping[str, float] | None = None):
+                 layer_weights: Mapping[str, float] | None = None, download: bool = False):
         super().__init__()
         from torchvision.models import vgg19
 
@@ -228,6 +253,8 @@ class PerceptualLoss(nn.Module):
         features = vgg19(weights=None).features[: last + 1]
         if weights is not None:
             path = default_vgg19_path() if weights == "imagenet" else Path(weights)
+            if weights == "imagenet" and download and not path.is_file():
+                _download_vgg19(path)
             if not path.is_file():
                 raise FileNotFoundError(
                     f"VGG19 weights not found: looked for {path}. Put torchvision's ImageNet VGG19 "

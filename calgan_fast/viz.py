@@ -7,7 +7,7 @@ import colorsys
 import numpy as np
 import torch
 
-__all__ = ["PALETTE", "palette", "routing_image"]
+__all__ = ["PALETTE", "palette", "routing_image", "routing_map"]
 
 # 16 hand-picked, well separated colours (RGB); more experts get golden-ratio hues.
 PALETTE = np.array(
@@ -46,3 +46,32 @@ def routing_image(routing, index: int = 0) -> np.ndarray:
         raise IndexError(f"index: {index} out of range for a batch of {expert.shape[0]}")
     ids = expert[index].detach().cpu().long().numpy()
     return palette(n)[ids]
+
+
+@torch.no_grad()
+def routing_map(D, image, index: int = 0, calibrate=None) -> np.ndarray:
+    """``(H', W', 3)`` uint8 expert map of ``image`` as ``D`` routes it, at image resolution.
+
+    ``D`` (a :class:`calgan_fast.CALGANDiscriminator`) runs in eval mode: argmax routing, and
+    BatchNorm as in training, with the statistics of the batch being scored (``eval_bn="batch"``,
+    the default), so the map is the routing training used (with argmax in place of Gumbel noise).
+    ``calibrate``: an iterable of real image batches, for ``eval_bn="running"``: the running
+    statistics are first recomputed from them (:func:`calgan_fast.nn.calibrate_bn`). ``image``: ``(B, 3, H, W)`` or ``(3, H, W)`` in [0, 1]; it is cropped to multiples
+    of D's patch size p (``H' = H // p · p``) and each feature pixel is drawn as a p x p block.
+    """
+    from .nn import calibrate_bn
+
+    if calibrate is not None:
+        calibrate_bn(D, calibrate)
+    x = image[None] if image.dim() == 3 else image
+    p = getattr(D, "patch_size", 4)
+    h, w = x.shape[-2] // p * p, x.shape[-1] // p * p
+    if h == 0 or w == 0:
+        raise ValueError(f"image: {x.shape[-2]}x{x.shape[-1]} is smaller than the patch size {p}")
+    was = D.training
+    D.eval()
+    try:
+        out = D(x[..., :h, :w], return_aux=True)
+    finally:
+        D.train(was)
+    return np.kron(routing_image(out.routing, index), np.ones((p, p, 1), dtype=np.uint8))

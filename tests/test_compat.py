@@ -88,12 +88,26 @@ def test_official_losses_by_hand():
     assert out["total"].item() == pytest.approx(10 * 0.25 + 10 * (between + within) + 0.05 * 1.6)
 
 
-def test_official_gan_loss_halves_terms():
+def test_gan_loss_equals_the_esrgan_model_formulas():
+    """calgan_fast's relativistic loss is ESRGANModel's: same values and the same gradients."""
     from calgan_fast.losses import gan_loss
 
-    real, fake = torch.randn(2, 5, 1), torch.randn(2, 5, 1)
-    torch.testing.assert_close(official_gan_loss(real, fake), 0.5 * gan_loss(real, fake, "relativistic"))
-    torch.testing.assert_close(official_gan_loss(real, fake, False), 0.5 * gan_loss(real, fake, "relativistic", False))
+    torch.manual_seed(0)
+    base_r, base_f = torch.randn(2, 1, 5, 5), torch.randn(2, 1, 5, 5)
+    for for_d in (True, False):
+        grads = []
+        for fn in (official_gan_loss, lambda r, f, d: gan_loss(r, f, "relativistic", d)):
+            r, f = base_r.clone().requires_grad_(True), base_f.clone().requires_grad_(True)
+            loss = fn(r, f, for_d)
+            loss.backward()
+            grads.append((loss.detach(), r.grad, f.grad))
+        (lo, gro, gfo), (lc, grc, gfc) = grads
+        torch.testing.assert_close(lc, lo)
+        torch.testing.assert_close(grc, gro)
+        torch.testing.assert_close(gfc, gfo)
+        # The opposite pass is detached: G's loss gives the real logits no gradient.
+        if not for_d:
+            assert grc is None and gro is None
 
 
 def test_official_discriminator_loss_backward():

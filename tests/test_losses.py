@@ -66,16 +66,35 @@ def test_distribution_by_hand():
 def test_gan_losses_by_hand():
     real = torch.tensor([1.0, 3.0])
     fake = torch.tensor([0.0, -2.0])
-    # relativistic D: BCE(real - mean(fake)=-1, 1) + BCE(fake - mean(real)=2, 0)
-    d = sum(_sp(-(r + 1)) for r in (1.0, 3.0)) / 2 + sum(_sp(f - 2) for f in (0.0, -2.0)) / 2
+    # relativistic D: 0.5·BCE(real - mean(fake)=-1, 1) + 0.5·BCE(fake - mean(real)=2, 0)
+    d = 0.5 * sum(_sp(-(r + 1)) for r in (1.0, 3.0)) / 2 + 0.5 * sum(_sp(f - 2) for f in (0.0, -2.0)) / 2
     assert gan_loss(real, fake, "relativistic", True).item() == pytest.approx(d)
-    g = sum(_sp(r + 1) for r in (1.0, 3.0)) / 2 + sum(_sp(-(f - 2)) for f in (0.0, -2.0)) / 2
+    g = 0.5 * sum(_sp(r + 1) for r in (1.0, 3.0)) / 2 + 0.5 * sum(_sp(-(f - 2)) for f in (0.0, -2.0)) / 2
     assert gan_loss(real, fake, "relativistic", False).item() == pytest.approx(g)
+    assert gan_loss(real, fake, gan_type="relativistic").item() == pytest.approx(d)
     v = sum(_sp(-r) for r in (1.0, 3.0)) / 2 + sum(_sp(f) for f in (0.0, -2.0)) / 2
     assert gan_loss(real, fake, "vanilla", True).item() == pytest.approx(v)
     assert gan_loss(real, fake, "vanilla", False).item() == pytest.approx(sum(_sp(-f) for f in (0.0, -2.0)) / 2)
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="gan_type"):
         gan_loss(real, fake, "wgan")
+
+
+def test_relativistic_gradients_detach_the_opposite_pass():
+    # D: d/dr only through BCE(r - mean(f.detach()), 1); G: d/dr is zero (real detached).
+    real = torch.tensor([1.0, 3.0], requires_grad=True)
+    fake = torch.tensor([0.0, -2.0], requires_grad=True)
+    gan_loss(real, fake, "relativistic", True).backward()
+    want_r = [0.5 * (torch.sigmoid(torch.tensor(r + 1.0)).item() - 1) / 2 for r in (1.0, 3.0)]
+    want_f = [0.5 * torch.sigmoid(torch.tensor(f - 2.0)).item() / 2 for f in (0.0, -2.0)]
+    assert real.grad.tolist() == pytest.approx(want_r)
+    assert fake.grad.tolist() == pytest.approx(want_f)
+    real.grad = fake.grad = None
+    gan_loss(real, fake, "relativistic", False).backward()
+    assert real.grad is None  # no path from the loss to the real logits
+    # G: each fake logit gets -0.5·(σ(r_j + 1) … ) / 2 from mean(f) plus 0.5·(σ(f − 2) − 1) / 2.
+    s_real = sum(torch.sigmoid(torch.tensor(r + 1.0)).item() for r in (1.0, 3.0)) / 2
+    want_g = [-0.5 * s_real / 2 + 0.5 * (torch.sigmoid(torch.tensor(f - 2.0)).item() - 1) / 2 for f in (0.0, -2.0)]
+    assert fake.grad.tolist() == pytest.approx(want_g)
 
 
 def test_resolve_weights():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,11 +18,17 @@ __all__ = [
     "DiscriminatorConfig",
     "DiscriminatorOutput",
     "ExpertStats",
+    "PATCH_SIZES",
     "Routing",
+    "batch_statistics",
+    "calibrate_bn",
     "feature_extractor",
+    "real_statistics_only",
 ]
 
 _ROUTINGS = ("gumbel", "argmax")
+#: Patch sizes p of the paper's Table 5: each feature pixel covers p x p image pixels.
+PATCH_SIZES = (1, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,8 @@ class DiscriminatorConfig:
     tau: float = 1.0
     share_classifier: bool = False
     backend: str = "auto"
+    patch_size: int = 4
+    eval_bn: str = "batch"
 
     def __post_init__(self):
         for name in ("in_channels", "num_feat", "num_experts"):
@@ -83,20 +92,121 @@ class DiscriminatorConfig:
             raise ValueError(f"routing: expected one of {_ROUTINGS}, got {self.routing!r}")
         if not self.tau > 0:
             raise ValueError(f"tau: must be > 0, got {self.tau}")
+        if self.eval_bn not in ("batch", "running"):
+            raise ValueError(f"eval_bn: expected 'batch' or 'running', got {self.eval_bn!r}")
+        if isinstance(self.patch_size, bool) or self.patch_size not in PATCH_SIZES:
+            raise ValueError(f"patch_size: expected one of {list(PATCH_SIZES)} (a power of two up to 16), "
+                             f"got {self.patch_size!r}")
 
 
-def feature_extractor(in_channels: int, nf: int) -> nn.Sequential:
-    """The authors' feature extractor: ``(B, in, H, W) -> (B, 4nf, H/4, W/4)``, 20 modules."""
+def feature_extractor(in_channels: int, nf: int, patch_size: int = 4) -> nn.Sequential:
+    """The authors' feature extractor: ``(B, in, H, W) -> (B, 4nf, H/p, W/p)``.
+
+    ``patch_size`` p = 4 is the authors' topology (20 modules, two conv4x4 stride-2 stages).
+    p = 2 makes the second stride-2 stage (module 8) a conv3x3 stride 1; p = 1 makes both (modules
+    2 and 8) conv3x3 stride 1. p = 8 and 16 append one and two stages ``conv4x4 s2 p1 (4nf→4nf) ·
+    BN · LReLU`` after module 19, so modules 0..19 keep the authors' shapes.
+    """
+    if patch_size not in PATCH_SIZES:
+        raise ValueError(f"patch_size: expected one of {list(PATCH_SIZES)}, got {patch_size!r}")
 
     def lrelu():
         return nn.LeakyReLU(LRELU_SLOPE, inplace=True)
 
+    down = {1: (False, False), 2: (True, False)}.get(patch_size, (True, True))
     layers: list[nn.Module] = [nn.Conv2d(in_channels, nf, 3, 1, 1, bias=True), lrelu()]
     plan = [(nf, nf, 4, 2), (nf, 2 * nf, 3, 1), (2 * nf, 2 * nf, 4, 2), (2 * nf, 4 * nf, 3, 1),
             (4 * nf, 4 * nf, 3, 1), (4 * nf, 4 * nf, 3, 1)]
+    plan[0] = plan[0] if down[0] else (nf, nf, 3, 1)
+    plan[2] = plan[2] if down[1] else (2 * nf, 2 * nf, 3, 1)
+    extra = {8: 1, 16: 2}.get(patch_size, 0)
+    plan += [(4 * nf, 4 * nf, 4, 2)] * extra
     for cin, cout, k, s in plan:
         layers += [nn.Conv2d(cin, cout, k, s, 1, bias=False), nn.BatchNorm2d(cout), lrelu()]
     return nn.Sequential(*layers)
+
+
+def _batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextlib.contextmanager
+def real_statistics_only(module: nn.Module):
+    """Passes inside do not change the BatchNorm running statistics of ``module``.
+
+    In training mode BN still normalises with the batch's own statistics; only the running
+    averages are left alone. Fake (SR) passes run inside it, so the running statistics are those of
+    real images, not an average of real and fake batches.
+    """
+    saved = []
+    for bn in _batch_norms(module):
+        if bn.training and bn.track_running_stats:
+            saved.append((bn, bn.momentum, bn.num_batches_tracked.clone()))
+            bn.momentum = 0.0
+    try:
+        yield module
+    finally:
+        for bn, momentum, tracked in saved:
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(tracked)
+
+
+def _batch_stats_forward(bn: nn.modules.batchnorm._BatchNorm):
+    def forward(x: Tensor) -> Tensor:
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+    return forward
+
+
+@contextlib.contextmanager
+def batch_statistics(module: nn.Module):
+    """Passes inside normalise every BatchNorm of ``module`` with the batch's own statistics, as
+    training mode does, and leave the running statistics unchanged, whatever the module's mode.
+
+    Each process uses its own batch (a SyncBatchNorm does not communicate here), so a pass on one
+    process alone, such as drawing a routing map, is safe under ``torch.distributed``.
+    """
+    bns = _batch_norms(module)
+    for bn in bns:
+        bn.forward = _batch_stats_forward(bn)  # an instance attribute shadows the class's forward
+    try:
+        yield module
+    finally:
+        for bn in bns:
+            del bn.forward
+
+
+@torch.no_grad()
+def calibrate_bn(module: nn.Module, batches) -> nn.Module:
+    """Recomputes the BatchNorm running statistics of ``module`` from real images.
+
+    ``batches``: an iterable of ``(B, C, H, W)`` image tensors (real/HR images). The running means
+    and variances become the plain average over these batches of each batch's statistics (as BN
+    computes them in training mode); weights do not change. For a discriminator evaluated with its
+    running statistics (``eval_bn="running"``) whose statistics mix real and fake passes (one
+    trained elsewhere). Returns ``module`` in the mode it was in.
+    """
+    bns = _batch_norms(module)
+    if not bns:
+        return module
+    was = module.training
+    saved = [(bn, bn.momentum) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    module.train()
+    seen = 0
+    try:
+        for x in batches:
+            module(x)
+            seen += 1
+    finally:
+        for bn, momentum in saved:
+            bn.momentum = momentum
+        module.train(was)
+    if seen == 0:
+        raise ValueError("batches: no image batch given")
+    return module
 
 
 class CALGANDiscriminator(nn.Module):
@@ -112,24 +222,40 @@ class CALGANDiscriminator(nn.Module):
         tau: Gumbel-softmax temperature.
         share_classifier: one classifier for all experts, as in the authors' code.
         backend: routed-head backend (see :func:`calgan_fast.routed_head`).
+        patch_size: p, the image patch of one feature pixel (1, 2, 4, 8 or 16; see
+            :func:`feature_extractor`). The routed head does not depend on it.
+        eval_bn: how BatchNorm normalises in eval mode. ``"batch"`` (default): with the statistics
+            of the batch being scored, as in training, where the real and the fake batch are each
+            normalised by their own statistics; the running statistics are not changed. Score real
+            and fake images in separate batches, as training does. ``"running"``: torch's usual
+            running averages, which come from real passes only (see below).
 
     ``forward(x, routing=None, return_aux=False)``: ``x`` is ``(B, in_channels, H, W)`` in
-    [0, 1] with H, W multiples of 4; returns logits ``(B, 1, H/4, W/4)``, or with
+    [0, 1] with H, W multiples of p; returns logits ``(B, 1, H/p, W/p)``, or with
     ``return_aux=True`` a :class:`DiscriminatorOutput`. Pass ``routing=`` the detached routing of
     the real image to score the fake image of the same pair with the real image's experts.
+
+    BatchNorm: a training-mode pass given ``routing=`` (the fake image of a pair) normalises with
+    its own batch statistics but leaves the running statistics alone (:func:`real_statistics_only`),
+    so these come from real passes only. A D trained with per-batch statistics is a different
+    function under any fixed statistics (a fake batch normalised by real statistics is scored
+    differently from how training scored it), hence ``eval_bn="batch"``: eval mode then routes and
+    scores exactly as training mode with argmax routing does.
     """
 
     def __init__(self, in_channels: int = 3, num_feat: int = 64, num_experts: int = 12,
                  hidden: int | None = None, routing: str = "gumbel", tau: float = 1.0,
-                 share_classifier: bool = False, backend: str = "auto"):
+                 share_classifier: bool = False, backend: str = "auto", patch_size: int = 4,
+                 eval_bn: str = "batch"):
         super().__init__()
         cfg = DiscriminatorConfig(in_channels, num_feat, num_experts, hidden, routing, tau,
-                                  share_classifier, backend)
+                                  share_classifier, backend, patch_size, eval_bn)
         self.config = cfg
         c = 4 * num_feat
         hdim = hidden or max(1, c // 8)
         self.channels, self.hidden, self.num_experts = c, hdim, num_experts
-        self.features = feature_extractor(in_channels, num_feat)
+        self.patch_size = patch_size
+        self.features = feature_extractor(in_channels, num_feat, patch_size)
         self.router = nn.Conv2d(c, num_experts, 1, bias=True)
         self.proj = nn.Parameter(torch.empty(num_experts, c, c))
         nc = 1 if share_classifier else num_experts
@@ -170,8 +296,9 @@ class CALGANDiscriminator(nn.Module):
         b, ch, h, w = x.shape
         if ch != self.config.in_channels:
             raise ValueError(f"x: expected {self.config.in_channels} channels, got {ch}")
-        if h % 4 or w % 4 or h == 0 or w == 0:
-            raise ValueError(f"x: H and W must be positive multiples of 4, got {h}x{w}")
+        p = self.patch_size
+        if h % p or w % p or h == 0 or w == 0:
+            raise ValueError(f"x: H and W must be positive multiples of {p} (patch_size), got {h}x{w}")
         if b == 0:
             raise ValueError("x: empty batch (B = 0)")
         if not x.dtype.is_floating_point:
@@ -208,7 +335,13 @@ class CALGANDiscriminator(nn.Module):
 
     def forward(self, x: Tensor, routing: Routing | None = None, return_aux: bool = False):
         self._check_input(x)
-        feats = self.features(x)  # (B, c, h, w)
+        if not self.training:
+            stats = batch_statistics if self.config.eval_bn == "batch" else contextlib.nullcontext
+        else:
+            # A given routing marks the fake image of a pair: no running-statistics update.
+            stats = real_statistics_only if routing is not None else contextlib.nullcontext
+        with stats(self.features):
+            feats = self.features(x)  # (B, c, h, w)
         b, c, h, w = feats.shape
         if routing is None:
             routing = self.route(self.router(feats))
@@ -232,4 +365,5 @@ class CALGANDiscriminator(nn.Module):
     def extra_repr(self) -> str:
         cfg = self.config
         return (f"c={self.channels}, hidden={self.hidden}, num_experts={self.num_experts}, "
-                f"routing={cfg.routing!r}, share_classifier={cfg.share_classifier}, backend={cfg.backend!r}")
+                f"routing={cfg.routing!r}, share_classifier={cfg.share_classifier}, backend={cfg.backend!r}, "
+                f"patch_size={cfg.patch_size}")

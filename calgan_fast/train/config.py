@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "DEFAULTS", "PRESETS", "load_config", "merge", "validate"]
+__all__ = ["ConfigError", "DEFAULTS", "PRESETS", "load_config", "merge", "validate", "with_process_batch"]
 
 
 class ConfigError(ValueError):
@@ -39,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
             "gt_size": 256,
             "use_hflip": True,
             "use_rot": True,
-            "batch_size_per_gpu": 48,  # per process; the paper's 48 is the total
+            "batch_size": 48,  # in total, split over the processes (the paper's 48)
+            "batch_size_per_gpu": None,  # BasicSR's per-process key; when set it is used instead
             "num_worker_per_gpu": 4,
             "cache": False,
             "skip_bad_images": False,
@@ -56,8 +57,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "network_g": {"type": "RRDBNet", "num_feat": 64, "num_block": 23, "num_grow_ch": 32},
     "network_d": {
-        "num_feat": 64,
+        "type": "CALGANDiscriminator",  # or the plain-GAN VGGStyleDiscriminator, UNetDiscriminatorSN
+        "num_feat": 128,  # c = 4·num_feat = 512, the paper's
         "num_experts": 12,
+        "patch_size": 4,
         "hidden": None,
         "routing": "gumbel",
         "tau": 1.0,
@@ -110,7 +113,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # programs share the cores. Set 2 (or null) on an idle machine.
         "num_threads": 1,
         "datasets": {
-            "train": {"dataroot_gt": "samples", "gt_size": 64, "batch_size_per_gpu": 8,
+            "train": {"dataroot_gt": "samples", "gt_size": 64, "batch_size": 8,
                       "num_worker_per_gpu": 0, "cache": True},
             "val": {"dataroot_gt": "samples", "max_images": 1},
         },
@@ -134,12 +137,31 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "keep_checkpoints": 2, "chance_warn_iters": 200},
         "val": {"val_freq": 300},
     },
-    # DESIGN §8: DIV2K, RRDB 23x64 from a PSNR checkpoint, 300k iterations, N = 12.
+    # The paper's text; where it is silent, the authors' released config (docs/paper.md lists
+    # every setting and its source).
     "paper": {
         "name": "paper",
-        "datasets": {"train": {"dataroot_gt": "datasets/DIV2K/DIV2K_train_HR", "gt_size": 256,
-                               "batch_size_per_gpu": 48}},
+        "scale": 4,
+        "datasets": {"train": {"type": "HRFolderDataset", "dataroot_gt": "datasets/DIV2K/DIV2K_train_HR",
+                               "gt_size": 256, "use_hflip": True, "use_rot": True, "batch_size": 48,
+                               "batch_size_per_gpu": None}},
+        "network_g": {"type": "RRDBNet", "num_feat": 64, "num_block": 23, "num_grow_ch": 32},
+        "network_d": {"type": "CALGANDiscriminator", "num_feat": 128, "num_experts": 12, "patch_size": 4,
+                      "routing": "gumbel", "tau": 1.0, "share_classifier": False},
         "path": {"pretrain_network_g": "experiments/pretrained_models/RRDB_PSNR_x4.pth"},
+        "train": {
+            "pretrain_iter": 0,
+            "total_iter": 300000,
+            "optim_g": {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]},
+            "optim_d": {"type": "Adam", "lr": 1e-4, "betas": [0.9, 0.99]},
+            "scheduler": {"milestones": [150000], "gamma": 0.5},
+            "ema_decay": 0.999,
+            "pixel_opt": {"loss_weight": 0.01},
+            "perceptual_opt": {"enabled": True, "loss_weight": 1.0},
+            "gan_opt": {"gan_type": "relativistic", "loss_weight": 0.005},
+            "d_opt": {"balance": "paper", "lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0,
+                      "lambda_dis": 1.0},
+        },
     },
 }
 
@@ -202,6 +224,8 @@ _CHOICES = {
     ("datasets", "train", "type"): ("HRFolderDataset", "PairedFolderDataset"),
     ("datasets", "val", "type"): ("HRFolderDataset", "PairedFolderDataset"),
     ("network_d", "routing"): ("gumbel", "argmax"),
+    ("network_d", "type"): ("CALGANDiscriminator", "VGGStyleDiscriminator", "UNetDiscriminatorSN"),
+    ("network_d", "patch_size"): (1, 2, 4, 8, 16),
     ("train", "amp"): (None, "bf16", "fp16"),
     ("train", "perceptual_opt", "enabled"): ("auto", True, False),
     ("train", "gan_opt", "gan_type"): ("relativistic", "vanilla"),
@@ -232,9 +256,22 @@ def validate(cfg: Mapping, where: str = "config") -> None:
     if not tr["dataroot_gt"]:
         raise ConfigError(f"{where}: datasets.train.dataroot_gt is not set (a folder of HR images, "
                           "or 'samples')")
-    if not isinstance(tr["gt_size"], int) or tr["gt_size"] % 4 or tr["gt_size"] % cfg["scale"]:
-        raise ConfigError(f"{where}: datasets.train.gt_size = {tr['gt_size']!r} must be a multiple of 4 "
-                          f"(the discriminator) and of scale {cfg['scale']}")
+    nd = cfg["network_d"]
+    # The multiple the discriminator needs: its patch size p, 8 for the U-Net's three halvings.
+    mult = {"CALGANDiscriminator": nd["patch_size"], "UNetDiscriminatorSN": 8}.get(nd["type"], 4)
+    if not isinstance(tr["gt_size"], int) or tr["gt_size"] % mult or tr["gt_size"] % cfg["scale"]:
+        what = "network_d.patch_size" if nd["type"] == "CALGANDiscriminator" else f"network_d.type {nd['type']}"
+        raise ConfigError(f"{where}: datasets.train.gt_size = {tr['gt_size']!r} must be a multiple of {mult} "
+                          f"({what}) and of scale {cfg['scale']}")
+    if nd["type"] == "VGGStyleDiscriminator" and tr["gt_size"] not in (128, 256):
+        raise ConfigError(f"{where}: datasets.train.gt_size = {tr['gt_size']!r}; network_d.type "
+                          "VGGStyleDiscriminator takes 128 or 256")
+    for key in ("batch_size", "batch_size_per_gpu"):
+        v = tr[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{where}: datasets.train.{key} = {v!r}; expected an integer >= 1 or null")
+    if tr["batch_size"] is None and tr["batch_size_per_gpu"] is None:
+        raise ConfigError(f"{where}: datasets.train.batch_size is not set (the batch in total)")
     for key in ("pretrain_iter", "total_iter"):
         v = cfg["train"][key]
         if not isinstance(v, int) or v < 0:
@@ -249,6 +286,24 @@ def validate(cfg: Mapping, where: str = "config") -> None:
         raise ConfigError(f"{where}: val.val_freq = {cfg['val']['val_freq']!r}; expected an integer >= 1")
     if tr["type"] == "PairedFolderDataset" and not tr["dataroot_lq"]:
         raise ConfigError(f"{where}: datasets.train.dataroot_lq is needed by PairedFolderDataset")
+
+
+def with_process_batch(cfg: Mapping, world: int) -> dict:
+    """``cfg`` with ``datasets.train.batch_size_per_gpu`` resolved for ``world`` processes.
+
+    ``batch_size_per_gpu``, when set, is used as it is (BasicSR's meaning). Otherwise
+    ``batch_size`` is the batch in total and each process takes ``batch_size / world``; a total
+    that does not divide is a ConfigError naming the key.
+    """
+    out = copy.deepcopy(dict(cfg))
+    tr = out["datasets"]["train"]
+    if tr["batch_size_per_gpu"] is None:
+        total = tr["batch_size"]
+        if total % world:
+            raise ConfigError(f"datasets.train.batch_size = {total} does not divide over {world} processes; "
+                              f"choose a multiple of {world} (or set datasets.train.batch_size_per_gpu)")
+        tr["batch_size_per_gpu"] = total // world
+    return out
 
 
 def load_config(preset: str | None = None, path: str | os.PathLike | None = None,

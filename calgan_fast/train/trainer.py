@@ -179,6 +179,9 @@ class Trainer:
             raise ConfigError("device = 'cuda' but no GPU is available")
         self.distributed = init_distributed(dev)
         self.rank, self.world, local = _dist_info()
+        from .config import with_process_batch
+
+        self.cfg = cfg = with_process_batch(cfg, self.world)
         self.device = torch.device(f"cuda:{local}" if dev == "cuda" else "cpu")
         if dev == "cuda":
             torch.cuda.set_device(self.device)
@@ -232,9 +235,14 @@ class Trainer:
         pre = cfg["path"]["pretrain_network_g"]
         if pre:
             load_generator_weights(self.net_g, pre, cfg["path"]["param_key_g"], cfg["path"]["strict_load_g"])
-        from .. import CALGANDiscriminator
+        from ..nn.baselines import build_discriminator
 
-        self.net_d = CALGANDiscriminator(**cfg["network_d"]).to(self.device)
+        try:
+            self.net_d = build_discriminator(cfg["network_d"], cfg["datasets"]["train"]["gt_size"]).to(self.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        # Plain-GAN baselines (VGG-style, U-Net) train with the standard GAN losses only.
+        self.d_routed = cfg["network_d"]["type"] == "CALGANDiscriminator"
         if tr["sync_bn"] and self.distributed and self.device.type == "cpu":
             warnings.warn("train.sync_bn needs GPUs (torch's SyncBatchNorm does not run on CPU): "
                           "each process keeps its own BatchNorm statistics", stacklevel=2)
@@ -279,7 +287,8 @@ class Trainer:
         from ..losses import PerceptualLoss
 
         try:
-            return PerceptualLoss(po["weights_path"] or "imagenet").to(self.device)
+            # enabled: true fetches torchvision's file into the torch hub cache when it is missing.
+            return PerceptualLoss(po["weights_path"] or "imagenet", download=po["enabled"] is True).to(self.device)
         except FileNotFoundError as exc:
             if po["enabled"] is True:
                 raise ConfigError(f"train.perceptual_opt: {exc}") from None
@@ -388,6 +397,7 @@ class Trainer:
 
     def _step_gan(self, lq, gt) -> dict:
         from ..losses import discriminator_loss, generator_adversarial_loss
+        from ..nn.baselines import plain_discriminator_loss, plain_generator_loss
 
         tr = self.cfg["train"]
         logs = {}
@@ -398,14 +408,17 @@ class Trainer:
             # The real pass runs once per step, with gradient: L_gen reads its logits and routing
             # (detached), and the discriminator step below backpropagates through it. D's
             # parameters do not change in between, so this equals running it twice.
-            real = self.net_d(gt, return_aux=True)
+            real = self.net_d(gt, return_aux=True) if self.d_routed else self.net_d(gt)
             l_pix = F.l1_loss(sr.float(), gt)
             l_g = tr["pixel_opt"]["loss_weight"] * l_pix
             if self.perceptual is not None:
                 l_per = self.perceptual(sr.float(), gt)
                 l_g = l_g + tr["perceptual_opt"]["loss_weight"] * l_per
                 logs["l_per"] = l_per.detach()
-            l_gen = generator_adversarial_loss(self.net_d, gt, sr, tr["gan_opt"]["gan_type"], real=real)
+            if self.d_routed:
+                l_gen = generator_adversarial_loss(self.net_d, gt, sr, tr["gan_opt"]["gan_type"], real=real)
+            else:
+                l_gen = plain_generator_loss(self.net_d, gt, sr, tr["gan_opt"]["gan_type"], real=real)
             l_g = l_g + tr["gan_opt"]["loss_weight"] * l_gen
         self._update_g(l_g)
         logs.update(l_pix=l_pix.detach(), l_gen=l_gen.detach(), l_g_total=l_g.detach())
@@ -413,10 +426,17 @@ class Trainer:
         do = tr["d_opt"]
         weights = {"balance": do["lambda_b"], "ortho": do["lambda_o"], "dist": do["lambda_d"],
                    "adv": do["lambda_dis"]}
+        if self.d_routed and self.net_d.num_experts == 1:
+            # N = 1 is the standard GAN configuration: one classifier, no routing losses.
+            weights.update(balance=0.0, ortho=0.0, dist=0.0)
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast():
-            d = discriminator_loss(self.net_d, gt, sr.detach(), weights, do["balance"], tr["gan_opt"]["gan_type"],
-                                   real=real)
+            if self.d_routed:
+                d = discriminator_loss(self.net_d, gt, sr.detach(), weights, do["balance"],
+                                       tr["gan_opt"]["gan_type"], real=real)
+            else:
+                d = plain_discriminator_loss(self.net_d, gt, sr.detach(), tr["gan_opt"]["gan_type"], real=real)
+                d["total"] = do["lambda_dis"] * d["adv"]
         self.scaler_d.scale(d["total"]).backward()
         _allreduce_grads(list(self.net_d.parameters()), self.world)
         self.scaler_d.unscale_(self.opt_d)
@@ -425,7 +445,10 @@ class Trainer:
         self.scaler_d.update()
         self.sched_d.step()
         for k in ("balance", "ortho", "dist", "adv", "total", "acc_real", "acc_fake"):
-            logs[f"d_{k}"] = d[k].detach()
+            if k in d:
+                logs[f"d_{k}"] = d[k].detach()
+        if not self.d_routed:
+            return logs
         count = d["stats"].count.float()
         if self.distributed:
             dist.all_reduce(count)
@@ -511,15 +534,13 @@ class Trainer:
         up = F.interpolate(lq, scale_factor=self.scale, mode="nearest")
         strip = torch.cat([up, sr, gt], dim=3)[0]
         write_image(self.out / "samples" / f"iter_{self.it:07d}_sr.png", tensor2img(strip))
-        from ..viz import routing_image
+        if not self.d_routed:
+            return
+        from ..viz import routing_map
 
-        was = self.net_d.training
-        self.net_d.eval()
-        out = self.net_d(gt, return_aux=True)
-        self.net_d.train(was)
-        rmap = routing_image(out.routing)
-        rmap = np.kron(rmap, np.ones((4, 4, 1), dtype=np.uint8))  # one feature pixel = 4x4 patch
-        hr = tensor2img(gt[0])
+        # Eval mode: argmax routing, BN with the batch's own statistics as in training.
+        rmap = routing_map(self.net_d, gt)  # one feature pixel = one p x p patch
+        hr = tensor2img(gt[0])[: rmap.shape[0], : rmap.shape[1]]
         blend = (0.5 * hr.astype(np.float32) + 0.5 * rmap.astype(np.float32)).round().astype(np.uint8)
         write_image(self.out / "samples" / f"iter_{self.it:07d}_routing.png", np.concatenate([hr, blend], 1))
 

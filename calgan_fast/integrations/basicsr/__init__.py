@@ -185,7 +185,8 @@ class CALGANModel(SRGANModel):
                 if l_g_style is not None:
                     l_g_total += l_g_style
                     loss_dict["l_g_style"] = l_g_style
-            l_g_gan = self.gen_weight * generator_adversarial_loss(self.net_d, self.gt, self.output, gan=opts.gan)
+            l_g_gan = self.gen_weight * generator_adversarial_loss(self.net_d, self.gt, self.output,
+                                                                        gan_type=opts.gan)
             l_g_total += l_g_gan
             loss_dict["l_g_gan"] = l_g_gan
             l_g_total.backward()
@@ -196,7 +197,7 @@ class CALGANModel(SRGANModel):
             p.requires_grad = True
         self.optimizer_d.zero_grad()
         d = discriminator_loss(self.net_d, self.gt, self.output.detach(), weights=opts.d_weights(),
-                               balance=opts.balance_mode, gan=opts.gan)
+                               balance=opts.balance_mode, gan_type=opts.gan)
         d["total"].backward()
         self.optimizer_d.step()
         loss_dict["l_d_total"] = d["total"].detach()
