@@ -42,10 +42,19 @@ from ._config import HIST_BLOCK, next_pow2
 
 
 @triton.jit
-def _routing_hist_kernel(expert_ptr, blk_count_ptr, M, BLOCK: tl.constexpr, NP: tl.constexpr):
+def _clamped_ids(expert_ptr, rows, ok, N):
+    """Expert ids of ``rows`` clamped into ``[0, N)`` (-1 where not ``ok``): an id out of range
+    never indexes memory; its row counts for expert 0 (id < 0) or N - 1 (id >= N)."""
+    e = tl.load(expert_ptr + rows, mask=ok, other=0)
+    e = tl.minimum(tl.maximum(e, 0), N - 1)
+    return tl.where(ok, e, -1)
+
+
+@triton.jit
+def _routing_hist_kernel(expert_ptr, blk_count_ptr, M, N, BLOCK: tl.constexpr, NP: tl.constexpr):
     b = tl.program_id(0)
     rows = b * BLOCK + tl.arange(0, BLOCK)
-    e = tl.load(expert_ptr + rows, mask=rows < M, other=-1)
+    e = _clamped_ids(expert_ptr, rows, rows < M, N)
     ex = tl.arange(0, NP)
     onehot = (e[:, None] == ex[None, :]).to(tl.int32)
     tl.store(blk_count_ptr + b * NP + ex, tl.sum(onehot, axis=0))
@@ -107,12 +116,12 @@ def _routing_scan_kernel(blk_count_ptr, blk_base_ptr, count_ptr, offsets_ptr, NB
 
 
 @triton.jit
-def _routing_scatter_kernel(expert_ptr, blk_base_ptr, offsets_ptr, perm_ptr, M,
+def _routing_scatter_kernel(expert_ptr, blk_base_ptr, offsets_ptr, perm_ptr, M, N,
                             BLOCK: tl.constexpr, NP: tl.constexpr):
     b = tl.program_id(0)
     rows = b * BLOCK + tl.arange(0, BLOCK)
     ok = rows < M
-    e = tl.load(expert_ptr + rows, mask=ok, other=-1)
+    e = _clamped_ids(expert_ptr, rows, ok, N)
     ex = tl.arange(0, NP)
     onehot = (e[:, None] == ex[None, :]).to(tl.int32)
     rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
@@ -173,7 +182,8 @@ _SEG_BLOCK = 256
 def routing_metadata(expert: torch.Tensor, num_experts: int, seg_m: int | None = None):
     """``(count (N,), offsets (N+1,), perm (M,))``, all int64, by a stable counting sort on device.
 
-    ``expert``: ``(M,)`` integer ids in ``[0, N)`` (not checked here; the op boundary checks).
+    ``expert``: ``(M,)`` integer ids, expected in ``[0, N)`` (the op boundary checks that when asked
+    to); an id out of range is clamped into it on the device, never used as an index.
     With ``seg_m``, also returns the segment map of :func:`segment_map` for segments of ``seg_m``
     rows, computed in the same launches.
     """
@@ -191,12 +201,12 @@ def routing_metadata(expert: torch.Tensor, num_experts: int, seg_m: int | None =
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=dev)
     perm = torch.empty(m, dtype=torch.int64, device=dev)
     smap = _new_map(m, num_experts, seg_m or m, dev)
-    _routing_hist_kernel[(nb,)](expert, blk_count, m, BLOCK=block, NP=np_)
+    _routing_hist_kernel[(nb,)](expert, blk_count, m, num_experts, BLOCK=block, NP=np_)
     _routing_scan_kernel[(1,)](blk_count, blk_base, count, offsets, nb, num_experts,
                                *smap, smap[1].shape[0] if seg_m else 0,
                                SEG_M=seg_m or m, SEG_BLOCK=_SEG_BLOCK,
                                CHUNK=min(128, max(16, next_pow2(nb))), NP=np_)
-    _routing_scatter_kernel[(nb,)](expert, blk_base, offsets, perm, m, BLOCK=block, NP=np_)
+    _routing_scatter_kernel[(nb,)](expert, blk_base, offsets, perm, m, num_experts, BLOCK=block, NP=np_)
     if seg_m:
         return count, offsets, perm, smap
     return count, offsets, perm
