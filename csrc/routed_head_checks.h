@@ -3,11 +3,21 @@
 // ValueError/TypeError; these guard direct calls of torch.ops.calgan_fast_C.*.)
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include <ATen/ATen.h>
 
 namespace calgan_fast {
+
+// Whether the raw CUDA ops also check the routing metadata handed to them (perm, offsets, count):
+// those checks read device tensors on the host, a synchronisation per call, so they run only with
+// CALGAN_FAST_DEBUG_CHECKS=1 in the environment. The checks of shapes, dtypes and devices always run.
+inline bool debug_checks() {
+  const char* v = std::getenv("CALGAN_FAST_DEBUG_CHECKS");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
 
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), name, ": on ", t.device(), ", but x is on ", x.device());

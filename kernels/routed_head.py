@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ._config import INTERPRET, next_pow2
-from .routing import routing_metadata, segment_maps, segment_sum
+from .routing import merge_group, routing_metadata, segment_groups, segment_maps, segment_sum
 
 LRELU_SLOPE = 0.2
 
@@ -153,14 +153,11 @@ def _routed_head_fwd_kernel(
 
 
 @triton.jit
-def _expert_stats_kernel(tile_sum_ptr, tile_m2_ptr, tile_start_ptr, tile_stop_ptr, tile_off_ptr,
-                         mean_ptr, var_ptr, C, BLOCK_C: tl.constexpr):
-    e = tl.program_id(0)
-    offs_c = tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-    t0 = tl.load(tile_off_ptr + e)
-    t1 = tl.load(tile_off_ptr + e + 1)
-    mean = tl.zeros([BLOCK_C], dtype=mean_ptr.dtype.element_ty)
+def _chan_walk(tile_sum_ptr, tile_m2_ptr, tile_start_ptr, tile_stop_ptr, t0, t1, C, offs_c, c_ok,
+               BLOCK_C: tl.constexpr):
+    """(n, mean, M2) of the row sets t0 .. t1 (channel sums, M2, rows [start, stop)), merged in
+    order with Chan's formula."""
+    mean = tl.zeros([BLOCK_C], dtype=tile_sum_ptr.dtype.element_ty)
     n = tl.sum(mean, axis=0)  # scalar zeros of the statistics dtype
     m2 = n
     for t in range(t0, t1):
@@ -171,15 +168,48 @@ def _expert_stats_kernel(tile_sum_ptr, tile_m2_ptr, tile_start_ptr, tile_stop_pt
         mean += delta * (nb / n_new)
         m2 += tl.load(tile_m2_ptr + t) + tl.sum(delta * delta, axis=0) * (n * nb / n_new)
         n = n_new
+    return n, mean, m2
+
+
+@triton.jit
+def _stats_group_kernel(tile_sum_ptr, tile_m2_ptr, tile_start_ptr, tile_stop_ptr,
+                        grp_expert_ptr, grp_start_ptr, grp_stop_ptr,
+                        g_sum_ptr, g_m2_ptr, g_start_ptr, g_stop_ptr, C, BLOCK_C: tl.constexpr):
+    # First level of the statistics merge: the tiles of one group, as one row set (its channel
+    # sums, M2 and the rows [start, stop) it covers) for the second level.
+    gi = tl.program_id(0)
+    if tl.load(grp_expert_ptr + gi) >= 0:
+        offs_c = tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        t0 = tl.load(grp_start_ptr + gi)
+        t1 = tl.load(grp_stop_ptr + gi)
+        n, mean, m2 = _chan_walk(tile_sum_ptr, tile_m2_ptr, tile_start_ptr, tile_stop_ptr, t0, t1, C,
+                                 offs_c, c_ok, BLOCK_C)
+        tl.store(g_sum_ptr + gi.to(tl.int64) * C + offs_c, mean * n, mask=c_ok)
+        tl.store(g_m2_ptr + gi, m2)
+        tl.store(g_start_ptr + gi, tl.load(tile_start_ptr + t0))
+        tl.store(g_stop_ptr + gi, tl.load(tile_stop_ptr + t1 - 1))
+
+
+@triton.jit
+def _expert_stats_kernel(tile_sum_ptr, tile_m2_ptr, tile_start_ptr, tile_stop_ptr, tile_off_ptr,
+                         mean_ptr, var_ptr, C, BLOCK_C: tl.constexpr):
+    e = tl.program_id(0)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    t0 = tl.load(tile_off_ptr + e)
+    t1 = tl.load(tile_off_ptr + e + 1)
+    n, mean, m2 = _chan_walk(tile_sum_ptr, tile_m2_ptr, tile_start_ptr, tile_stop_ptr, t0, t1, C,
+                             offs_c, c_ok, BLOCK_C)
     tl.store(mean_ptr + e * C + offs_c, mean, mask=c_ok)
     tl.store(var_ptr + e, tl.where(n > 0, m2 / (tl.maximum(n, 1.0) * C), 0.0))
 
 
 @triton.jit
-def _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, C, H,
+def _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, H,
                      SLOPE: tl.constexpr, ACC: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``dh`` of a tile from its pre-activation ``h`` and logit gradients ``gl`` (0 on padding);
-    stores the tile's db1, dw2 and db2 partials after its dW1 partial at ``part``."""
+    """``dh`` of a tile (in ``ACC``) from its pre-activation ``h`` and logit gradients ``gl`` (0 on
+    padding); stores the tile's db1, dw2 and db2 partials at ``part``."""
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     hz = h + tl.load(b1_ptr + e64 * H + offs_h, mask=h_ok, other=0.0).to(ACC)[None, :]
@@ -187,17 +217,18 @@ def _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, C, H,
     w2v = tl.load(w2_ptr + e64 * H + offs_h, mask=h_ok, other=0.0).to(ACC)
     dz = gl[:, None] * w2v[None, :]
     dh = tl.where(hz > 0, dz, dz * SLOPE)  # a tensor times SLOPE keeps fp64 exact
-    tl.store(part + H * C + offs_h, tl.sum(dh, axis=0), mask=h_ok)
-    tl.store(part + H * C + H + offs_h, tl.sum(gl[:, None] * z, axis=0), mask=h_ok)
-    tl.store(part + H * C + 2 * H, tl.sum(gl, axis=0))
+    tl.store(part + offs_h, tl.sum(dh, axis=0), mask=h_ok)
+    tl.store(part + H + offs_h, tl.sum(gl[:, None] * z, axis=0), mask=h_ok)
+    tl.store(part + 2 * H, tl.sum(gl, axis=0))
     return dh
 
 
 @triton.jit
-def _dy_block(u, g, ok, pos, n0, dh, e64, n_e, coef, w1e_ptr, gmean_ptr, mean_ptr, du_ptr, part, C, H,
+def _dy_block(u, g, ok, pos, n0, dh, e64, n_e, coef, w1e_ptr, gmean_ptr, mean_ptr, du_ptr, C, H,
               ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     """One channel block of the tile's backward from ``u = x O_e^T`` of that block: stores
-    ``du = g * dy`` and the dW1 partial, returns the block's share of dgate ``(BLOCK_M,)``."""
+    ``du = g * dy``, returns the block's share of dgate ``(BLOCK_M,)``. ``dh`` stays in ``ACC``
+    (fp32): in fp16 it is often below the smallest normal number (a mean loss over M rows)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < C
     offs_h = tl.arange(0, BLOCK_H)
@@ -205,7 +236,7 @@ def _dy_block(u, g, ok, pos, n0, dh, e64, n_e, coef, w1e_ptr, gmean_ptr, mean_pt
     y = g[:, None] * u
     w1b = tl.load(w1e_ptr + offs_h[:, None] * C + offs_n[None, :],
                   mask=h_ok[:, None] & n_ok[None, :], other=0.0)
-    dy = tl.dot(dh.to(w1b.dtype), w1b, input_precision=PREC).to(ACC)
+    dy = tl.dot(dh, w1b.to(ACC), input_precision=PREC)
     gm = tl.load(gmean_ptr + e64 * C + offs_n, mask=n_ok, other=0.0).to(ACC)
     mu = tl.load(mean_ptr + e64 * C + offs_n, mask=n_ok, other=0.0).to(ACC)
     # d mean_e / d y = 1 / n_e;  d var_e / d y = 2 (y - mean_e) / (n_e c)  (coef = gvar_e * 2 / (n_e c)).
@@ -213,9 +244,14 @@ def _dy_block(u, g, ok, pos, n0, dh, e64, n_e, coef, w1e_ptr, gmean_ptr, mean_pt
     dy = tl.where(ok[:, None], dy, 0.0)
     tl.store(du_ptr + pos.to(tl.int64)[:, None] * C + offs_n[None, :], g[:, None] * dy,
              mask=ok[:, None] & n_ok[None, :])
-    dw1 = tl.dot(tl.trans(dh.to(w1b.dtype)), y.to(w1b.dtype), input_precision=PREC)
-    tl.store(part + offs_h[:, None] * C + offs_n[None, :], dw1, mask=h_ok[:, None] & n_ok[None, :])
     return tl.sum(dy * u, axis=1)
+
+
+@triton.jit
+def _store_dh(dh_ptr, pos, ok, H, BLOCK_H: tl.constexpr, dh):
+    offs_h = tl.arange(0, BLOCK_H)
+    tl.store(dh_ptr + pos.to(tl.int64)[:, None] * H + offs_h[None, :], dh,
+             mask=ok[:, None] & (offs_h < H)[None, :])
 
 
 @triton.jit
@@ -223,7 +259,7 @@ def _routed_head_bwd_dy_kernel(
     x_ptr, stride_xm, stride_xc, perm_ptr, gate_ptr, proj_ptr, w1_ptr, b1_ptr, w2_ptr,
     glogits_ptr, gmean_ptr, gvar_ptr, mean_ptr, offsets_ptr,
     tile_expert_ptr, tile_start_ptr, tile_stop_ptr,
-    du_ptr, dgate_ptr, cls_part_ptr,
+    du_ptr, dh_ptr, dgate_ptr, cls_part_ptr,
     C, H, LC,
     SLOPE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -248,19 +284,21 @@ def _routed_head_bwd_dy_kernel(
             w1t = tl.load(w1e_ptr + offs_h[None, :] * C + offs_n[:, None],
                           mask=(offs_n < C)[:, None] & (offs_h < H)[None, :], other=0.0)
             h = tl.dot((g[:, None] * u).to(w1t.dtype), w1t, input_precision=PREC).to(ACC)
-            dh = _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, C, H, SLOPE, ACC, BLOCK_H)
+            dh = _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, H, SLOPE, ACC, BLOCK_H)
+            _store_dh(dh_ptr, pos, ok, H, BLOCK_H, dh)
             dg = _dy_block(u, g, ok, pos, 0, dh, e64, n_e, coef, w1e_ptr, gmean_ptr, mean_ptr, du_ptr,
-                           part, C, H, ACC, PREC, BLOCK_N, BLOCK_H)
+                           C, H, ACC, PREC, BLOCK_N, BLOCK_H)
         else:
             h = _hidden(x_ptr, stride_xm, stride_xc, rows, ok, g, o_ptr, w1e_ptr, C, H,
                         ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_H)
-            dh = _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, C, H, SLOPE, ACC, BLOCK_H)
+            dh = _classifier_grad(h, gl, e64, b1_ptr, w2_ptr, part, H, SLOPE, ACC, BLOCK_H)
+            _store_dh(dh_ptr, pos, ok, H, BLOCK_H, dh)
             dg = tl.zeros([BLOCK_M], dtype=ACC)
             for n0 in range(0, C, BLOCK_N):
                 u = _project_block(x_ptr, stride_xm, stride_xc, rows, ok, o_ptr, n0, C,
                                    ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
                 dg += _dy_block(u, g, ok, pos, n0, dh, e64, n_e, coef, w1e_ptr, gmean_ptr, mean_ptr,
-                                du_ptr, part, C, H, ACC, PREC, BLOCK_N, BLOCK_H)
+                                du_ptr, C, H, ACC, PREC, BLOCK_N, BLOCK_H)
         tl.store(dgate_ptr + rows, dg, mask=ok)
 
 
@@ -324,6 +362,39 @@ def _routed_head_bwd_dproj_kernel(
                  mask=n_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _routed_head_bwd_dw1_kernel(
+    dh_ptr, x_ptr, stride_xm, stride_xc, perm_ptr, gate_ptr, slab_expert_ptr, slab_start_ptr, slab_stop_ptr,
+    d_part_ptr, C, H,
+    ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # Per row slab and block of input channels: D = sum over the slab of dh^T (g x) in ACC, with fp32
+    # (TF32 for fp16/bf16 inputs) operands; dW1_e = D_e O_e^T once the slabs are summed.
+    s = tl.program_id(0)
+    e = tl.load(slab_expert_ptr + s)
+    if e >= 0:
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < C
+        offs_h = tl.arange(0, BLOCK_H)
+        h_ok = offs_h < H
+        start = tl.load(slab_start_ptr + s)
+        stop = tl.load(slab_stop_ptr + s)
+        acc = tl.zeros([BLOCK_H, BLOCK_K], dtype=ACC)
+        for r0 in range(start, stop, BLOCK_M):
+            pos = r0 + tl.arange(0, BLOCK_M)
+            ok = pos < stop
+            rows = tl.load(perm_ptr + pos, mask=ok, other=0)
+            g = tl.load(gate_ptr + rows, mask=ok, other=0.0).to(ACC)
+            dht = tl.load(dh_ptr + pos.to(tl.int64)[None, :] * H + offs_h[:, None],
+                          mask=h_ok[:, None] & ok[None, :], other=0.0)
+            xb = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xc,
+                         mask=ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+            acc = tl.dot(dht, xb * g[:, None], acc, input_precision=PREC)
+        tl.store(d_part_ptr + s.to(tl.int64) * H * C + offs_h[:, None] * C + offs_k[None, :], acc,
+                 mask=h_ok[:, None] & k_ok[None, :])
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +412,8 @@ class _Cfg:
     processes, which changes the order of the reductions and breaks run-to-run bitwise equality.
     """
 
-    def __init__(self, m: int, c: int, hdim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, m: int, c: int, hdim: int, dtype: torch.dtype, device: torch.device,
+                 sms: int | None = None):
         self.acc = torch.float64 if dtype == torch.float64 else torch.float32
         self.tl_acc = tl.float64 if dtype == torch.float64 else tl.float32
         self.block_h = max(16, next_pow2(hdim))
@@ -383,7 +455,8 @@ class _Cfg:
         # Row slabs of the dO reduction: enough (slab, block, block) programs to fill the GPU
         # a few times over, so that even c = 256 with few experts keeps every SM busy.
         blocks = triton.cdiv(c, self.block_n) * triton.cdiv(c, self.block_k)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        if sms is None:  # the multiprocessors of the device (a compile report names its own)
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         slabs = max(1, (4 * sms) // blocks)
         self.slab_m = max(self.block_m, triton.cdiv(triton.cdiv(m, slabs), self.block_m) * self.block_m)
 
@@ -423,6 +496,17 @@ def routed_head_fwd(x, expert, gate, proj, w1, b1, w2, b2):
     )
     mean = torch.empty(n_exp, c, dtype=cfg.acc, device=x.device)
     var = torch.empty(n_exp, dtype=cfg.acc, device=x.device)
+    groups = segment_groups(tile_off, t_max)
+    if groups is not None:  # two levels: groups of tiles, then each expert's groups
+        grp_off, grp_expert, grp_start, grp_stop = groups
+        g_max = grp_expert.shape[0]
+        g_sum = torch.empty(g_max, c, dtype=cfg.acc, device=x.device)
+        g_m2 = torch.empty(g_max, dtype=cfg.acc, device=x.device)
+        g_start = torch.empty(g_max, dtype=torch.int32, device=x.device)
+        g_stop = torch.empty(g_max, dtype=torch.int32, device=x.device)
+        _stats_group_kernel[(g_max,)](tile_sum, tile_m2, tile_start, tile_stop, grp_expert, grp_start, grp_stop,
+                                      g_sum, g_m2, g_start, g_stop, c, BLOCK_C=cfg.block_c)
+        tile_sum, tile_m2, tile_start, tile_stop, tile_off = g_sum, g_m2, g_start, g_stop, grp_off
     _expert_stats_kernel[(n_exp,)](tile_sum, tile_m2, tile_start, tile_stop, tile_off, mean, var, c,
                                    BLOCK_C=cfg.block_c)
     return logits, count, mean, var, perm, offsets
@@ -447,8 +531,9 @@ def routed_head_bwd(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, mean, p
     slab_off, slab_expert, slab_start, slab_stop = slabs
     t_max = tile_expert.shape[0]
     s_max = slab_expert.shape[0]
-    lc = hdim * c + 2 * hdim + 1
+    lc = 2 * hdim + 1
     du = torch.empty(m, c, dtype=x.dtype, device=dev)
+    dh = torch.empty(m, hdim, dtype=cfg.acc, device=dev)
     dgate = torch.empty(m, dtype=gate.dtype, device=dev)
     cls_part = torch.empty(t_max, lc, dtype=cfg.acc, device=dev)
     gmean = gmean.to(cfg.acc).contiguous()
@@ -457,7 +542,7 @@ def routed_head_bwd(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, mean, p
     _routed_head_bwd_dy_kernel[(t_max,)](
         x, x.stride(0), x.stride(1), perm, gate, proj, w1, b1, w2,
         glogits, gmean, gvar, mean, offsets, tile_expert, tile_start, tile_stop,
-        du, dgate, cls_part, c, hdim, lc,
+        du, dh, dgate, cls_part, c, hdim, lc,
         SLOPE=LRELU_SLOPE, SINGLE=c <= cfg.head_n, BLOCK_H=cfg.block_h, **cfg.gemm(head=True),
     )
     dx = torch.empty(m, c, dtype=x.dtype, device=dev)
@@ -469,11 +554,20 @@ def routed_head_bwd(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, mean, p
         du, x, x.stride(0), x.stride(1), perm, slab_expert, slab_start, slab_stop, proj_part, c,
         **cfg.gemm(),
     )
-    dproj = segment_sum(proj_part, slab_off).view(n_exp, c, c).to(proj.dtype)
+    d_part = torch.empty(s_max, hdim * c, dtype=cfg.acc, device=dev)
+    g = cfg.gemm()
+    _routed_head_bwd_dw1_kernel[(s_max, triton.cdiv(c, cfg.block_k))](
+        dh, x, x.stride(0), x.stride(1), perm, gate, slab_expert, slab_start, slab_stop, d_part, c, hdim,
+        ACC=g["ACC"], PREC=g["PREC"], BLOCK_M=g["BLOCK_M"], BLOCK_K=g["BLOCK_K"], BLOCK_H=cfg.block_h,
+        num_warps=g["num_warps"], num_stages=g["num_stages"],
+    )
+    slab_groups = segment_groups(slab_off, s_max)
+    dproj = segment_sum(proj_part, slab_off, slab_groups).view(n_exp, c, c).to(proj.dtype)
+    d = segment_sum(d_part, slab_off, slab_groups).view(n_exp, hdim, c)
+    dw1 = torch.bmm(d, proj.to(cfg.acc).transpose(1, 2)).to(w1.dtype)  # dW1_e = D_e O_e^T
     cls = segment_sum(cls_part, tile_off)
     # Separate tensors (copy=True): the outputs of a custom op may not alias each other.
-    dw1 = cls[:, : hdim * c].reshape(n_exp, hdim, c).to(w1.dtype, copy=True)
-    db1 = cls[:, hdim * c : hdim * c + hdim].to(b1.dtype, copy=True)
-    dw2 = cls[:, hdim * c + hdim : hdim * c + 2 * hdim].to(w2.dtype, copy=True)
-    db2 = cls[:, hdim * c + 2 * hdim].to(b2.dtype, copy=True)
+    db1 = cls[:, :hdim].to(b1.dtype, copy=True)
+    dw2 = cls[:, hdim : 2 * hdim].to(w2.dtype, copy=True)
+    db2 = cls[:, 2 * hdim].to(b2.dtype, copy=True)
     return dx, dgate, dproj, dw1, db1, dw2, db2

@@ -12,7 +12,7 @@ Algorithm (a stable counting sort of the M rows by their top-1 expert, no host s
    at ``offsets[e] + blk_base[b, e] + rank``. Rows of one expert keep their order: stable,
    deterministic, every slot of ``perm`` written exactly once.
 4. ``_segment_map_kernel``: cuts every expert's range of ``perm`` into segments of ``SEG_M``
-   rows (compute tiles, or the row slabs of a weight gradient) and writes, per segment id, its
+   rows (a runtime argument, like every size that depends on M: one compiled kernel serves all M) (compute tiles, or the row slabs of a weight gradient) and writes, per segment id, its
    expert (``-1`` past the last segment), its first and one-past-last position in ``perm``, and
    the per-expert segment offsets. Grids are sized by the bound ``cdiv(M, SEG_M) + N`` on the
    number of segments, so no count ever travels to the host.
@@ -38,14 +38,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import HIST_BLOCK, next_pow2
+from ._config import HIST_BLOCK, INTERPRET, next_pow2
 
 
 @triton.jit
-def _routing_hist_kernel(expert_ptr, blk_count_ptr, M, BLOCK: tl.constexpr, NP: tl.constexpr):
+def _clamped_ids(expert_ptr, rows, ok, N):
+    """Expert ids of ``rows`` clamped into ``[0, N)`` (-1 where not ``ok``): an id out of range
+    never indexes memory; its row counts for expert 0 (id < 0) or N - 1 (id >= N)."""
+    e = tl.load(expert_ptr + rows, mask=ok, other=0)
+    e = tl.minimum(tl.maximum(e, 0), N - 1)
+    return tl.where(ok, e, -1)
+
+
+@triton.jit
+def _routing_hist_kernel(expert_ptr, blk_count_ptr, M, N, BLOCK: tl.constexpr, NP: tl.constexpr):
     b = tl.program_id(0)
     rows = b * BLOCK + tl.arange(0, BLOCK)
-    e = tl.load(expert_ptr + rows, mask=rows < M, other=-1)
+    e = _clamped_ids(expert_ptr, rows, rows < M, N)
     ex = tl.arange(0, NP)
     onehot = (e[:, None] == ex[None, :]).to(tl.int32)
     tl.store(blk_count_ptr + b * NP + ex, tl.sum(onehot, axis=0))
@@ -53,7 +62,7 @@ def _routing_hist_kernel(expert_ptr, blk_count_ptr, M, BLOCK: tl.constexpr, NP: 
 
 @triton.jit
 def _write_segments(lo, hi, ex, N, s0, seg_off_ptr, seg_expert_ptr, seg_start_ptr, seg_stop_ptr, S_MAX,
-                    SEG_M: tl.constexpr, BLOCK: tl.constexpr):
+                    SEG_M, BLOCK: tl.constexpr):
     """Map entries of segment ids ``s0 .. s0 + BLOCK`` from expert row ranges ``[lo, hi)`` (NP,)."""
     nseg = (hi - lo + SEG_M - 1) // SEG_M
     seg_end = tl.cumsum(nseg, axis=0)  # inclusive; padded experts own no segment
@@ -80,9 +89,8 @@ def _write_segments(lo, hi, ex, N, s0, seg_off_ptr, seg_expert_ptr, seg_start_pt
 
 @triton.jit
 def _routing_scan_kernel(blk_count_ptr, blk_base_ptr, count_ptr, offsets_ptr, NB, N,
-                         seg_off_ptr, seg_expert_ptr, seg_start_ptr, seg_stop_ptr, S_MAX,
-                         SEG_M: tl.constexpr, SEG_BLOCK: tl.constexpr,
-                         CHUNK: tl.constexpr, NP: tl.constexpr):
+                         seg_off_ptr, seg_expert_ptr, seg_start_ptr, seg_stop_ptr, S_MAX, SEG_M,
+                         SEG_BLOCK: tl.constexpr, CHUNK: tl.constexpr, NP: tl.constexpr):
     ex = tl.arange(0, NP)
     running = tl.zeros([NP], dtype=tl.int32)
     for b0 in range(0, NB, CHUNK):
@@ -107,12 +115,12 @@ def _routing_scan_kernel(blk_count_ptr, blk_base_ptr, count_ptr, offsets_ptr, NB
 
 
 @triton.jit
-def _routing_scatter_kernel(expert_ptr, blk_base_ptr, offsets_ptr, perm_ptr, M,
+def _routing_scatter_kernel(expert_ptr, blk_base_ptr, offsets_ptr, perm_ptr, M, N,
                             BLOCK: tl.constexpr, NP: tl.constexpr):
     b = tl.program_id(0)
     rows = b * BLOCK + tl.arange(0, BLOCK)
     ok = rows < M
-    e = tl.load(expert_ptr + rows, mask=ok, other=-1)
+    e = _clamped_ids(expert_ptr, rows, ok, N)
     ex = tl.arange(0, NP)
     onehot = (e[:, None] == ex[None, :]).to(tl.int32)
     rank = tl.sum((tl.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)
@@ -125,9 +133,8 @@ def _routing_scatter_kernel(expert_ptr, blk_base_ptr, offsets_ptr, perm_ptr, M,
 @triton.jit
 def _segment_map_kernel(offsets_ptr, N,
                         off_a_ptr, exp_a_ptr, start_a_ptr, stop_a_ptr, S_MAX_A, PROGS_A,
-                        off_b_ptr, exp_b_ptr, start_b_ptr, stop_b_ptr, S_MAX_B,
-                        SEG_A: tl.constexpr, SEG_B: tl.constexpr, BLOCK: tl.constexpr,
-                        NP: tl.constexpr):
+                        off_b_ptr, exp_b_ptr, start_b_ptr, stop_b_ptr, S_MAX_B, SEG_A, SEG_B,
+                        BLOCK: tl.constexpr, NP: tl.constexpr):
     # Programs [0, PROGS_A) write map A, the others map B: two maps in one launch.
     pid = tl.program_id(0)
     ex = tl.arange(0, NP)
@@ -139,6 +146,21 @@ def _segment_map_kernel(offsets_ptr, N,
     else:
         _write_segments(lo, hi, ex, N, (pid - PROGS_A) * BLOCK, off_b_ptr, exp_b_ptr, start_b_ptr,
                         stop_b_ptr, S_MAX_B, SEG_B, BLOCK)
+
+
+@triton.jit
+def _group_sum_kernel(part_ptr, grp_expert_ptr, grp_start_ptr, grp_stop_ptr, out_ptr, L, BLOCK: tl.constexpr):
+    # First level of a two-level segment sum: group g sums its (at most GROUP) segments in order.
+    gi = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < L
+    if tl.load(grp_expert_ptr + gi) >= 0:
+        s0 = tl.load(grp_start_ptr + gi)
+        s1 = tl.load(grp_stop_ptr + gi)
+        acc = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
+        for s in range(s0, s1):
+            acc += tl.load(part_ptr + s * L + offs, mask=ok, other=0.0)
+        tl.store(out_ptr + gi.to(tl.int64) * L + offs, acc, mask=ok)
 
 
 @triton.jit
@@ -170,10 +192,18 @@ def _new_map(m: int, n: int, seg_m: int, dev):
 _SEG_BLOCK = 256
 
 
+def _scan_chunk() -> int:
+    """Blocks per step of the routing scan: fixed (not a function of M), so one compiled kernel
+    serves every M; small under the interpreter so that tests take several steps."""
+    return 16 if INTERPRET else 128
+
+
+
 def routing_metadata(expert: torch.Tensor, num_experts: int, seg_m: int | None = None):
     """``(count (N,), offsets (N+1,), perm (M,))``, all int64, by a stable counting sort on device.
 
-    ``expert``: ``(M,)`` integer ids in ``[0, N)`` (not checked here; the op boundary checks).
+    ``expert``: ``(M,)`` integer ids, expected in ``[0, N)`` (the op boundary checks that when asked
+    to); an id out of range is clamped into it on the device, never used as an index.
     With ``seg_m``, also returns the segment map of :func:`segment_map` for segments of ``seg_m``
     rows, computed in the same launches.
     """
@@ -191,12 +221,11 @@ def routing_metadata(expert: torch.Tensor, num_experts: int, seg_m: int | None =
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=dev)
     perm = torch.empty(m, dtype=torch.int64, device=dev)
     smap = _new_map(m, num_experts, seg_m or m, dev)
-    _routing_hist_kernel[(nb,)](expert, blk_count, m, BLOCK=block, NP=np_)
+    _routing_hist_kernel[(nb,)](expert, blk_count, m, num_experts, BLOCK=block, NP=np_)
     _routing_scan_kernel[(1,)](blk_count, blk_base, count, offsets, nb, num_experts,
-                               *smap, smap[1].shape[0] if seg_m else 0,
-                               SEG_M=seg_m or m, SEG_BLOCK=_SEG_BLOCK,
-                               CHUNK=min(128, max(16, next_pow2(nb))), NP=np_)
-    _routing_scatter_kernel[(nb,)](expert, blk_base, offsets, perm, m, BLOCK=block, NP=np_)
+                               *smap, smap[1].shape[0] if seg_m else 0, seg_m or m,
+                               SEG_BLOCK=_SEG_BLOCK, CHUNK=_scan_chunk(), NP=np_)
+    _routing_scatter_kernel[(nb,)](expert, blk_base, offsets, perm, m, num_experts, BLOCK=block, NP=np_)
     if seg_m:
         return count, offsets, perm, smap
     return count, offsets, perm
@@ -216,8 +245,8 @@ def segment_maps(offsets: torch.Tensor, m: int, seg_a: int, seg_b: int | None = 
     progs_a = triton.cdiv(map_a[1].shape[0], _SEG_BLOCK)
     progs_b = triton.cdiv(map_b[1].shape[0], _SEG_BLOCK) if seg_b else 0
     _segment_map_kernel[(progs_a + progs_b,)](
-        offsets, n, *map_a, map_a[1].shape[0], progs_a, *map_b, map_b[1].shape[0],
-        SEG_A=seg_a, SEG_B=seg_b or seg_a, BLOCK=_SEG_BLOCK, NP=max(16, next_pow2(n)),
+        offsets, n, *map_a, map_a[1].shape[0], progs_a, *map_b, map_b[1].shape[0], seg_a, seg_b or seg_a,
+        BLOCK=_SEG_BLOCK, NP=max(16, next_pow2(n)),
     )
     return (map_a, map_b) if seg_b else map_a
 
@@ -227,11 +256,39 @@ def segment_map(offsets: torch.Tensor, m: int, seg_m: int):
     return segment_maps(offsets, m, seg_m)
 
 
-def segment_sum(part: torch.Tensor, seg_off: torch.Tensor) -> torch.Tensor:
-    """Per-expert sums ``(N, L)`` of per-segment partials ``part (S_max, L)``, in segment order."""
+def merge_group() -> int:
+    """Segments per group of the two-level merges (small under the interpreter, to exercise it)."""
+    return 4 if INTERPRET else 32
+
+
+def segment_groups(seg_off: torch.Tensor, s_max: int):
+    """Groups of :func:`merge_group` consecutive segments of one expert, or None where ``s_max``
+    (a function of the shapes only) is small enough for a one-level merge."""
+    g = merge_group()
+    if s_max <= 2 * g:
+        return None
+    return segment_map(seg_off, s_max, g)
+
+
+def segment_sum(part: torch.Tensor, seg_off: torch.Tensor, groups=None) -> torch.Tensor:
+    """Per-expert sums ``(N, L)`` of per-segment partials ``part (S_max, L)``.
+
+    Two levels when there are many segments (``groups`` from :func:`segment_groups`, computed here
+    when not given): groups of consecutive segments of one expert first, then each expert's groups;
+    programs of either level walk at most ``sqrt``-many partials of a collapsed routing, and the
+    order of every sum is fixed by the shapes: deterministic.
+    """
     n = seg_off.shape[0] - 1
     length = part.shape[1]
     out = torch.empty(n, length, dtype=part.dtype, device=part.device)
     block = min(1024, max(16, next_pow2(length)))
+    if groups is None:
+        groups = segment_groups(seg_off, part.shape[0])
+    if groups is not None:
+        grp_off, grp_expert, grp_start, grp_stop = groups
+        gpart = torch.empty(grp_expert.shape[0], length, dtype=part.dtype, device=part.device)
+        _group_sum_kernel[(grp_expert.shape[0], triton.cdiv(length, block))](
+            part, grp_expert, grp_start, grp_stop, gpart, length, BLOCK=block)
+        part, seg_off = gpart, grp_off
     _segment_sum_kernel[(n, triton.cdiv(length, block))](part, seg_off, out, length, BLOCK=block)
     return out

@@ -31,7 +31,8 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="torch"):
     m, c = x.shape
     n_exp = proj.shape[0]
     acc = _acc_dtype(x.dtype)
-    count, offsets, perm = routing_metadata_ref(expert, n_exp)
+    # An id out of range (possible with check_range=False) is clamped, never used as an index.
+    count, offsets, perm = routing_metadata_ref(expert.clamp(0, n_exp - 1), n_exp)
     xs = x.index_select(0, perm).to(acc)  # rows in expert order
     gs = gate.index_select(0, perm).to(acc)
     logits_s = torch.empty(m, dtype=acc, device=x.device)

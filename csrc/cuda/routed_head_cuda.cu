@@ -60,18 +60,17 @@ static_assert(kBM == 16 * (kThreads / 32), "one 16-row WMMA strip per warp");
 
 // ---------------------------------------------------------------- routing metadata
 
+// An expert id out of range is clamped into [0, N): it never indexes memory, and its row counts for
+// expert 0 (id < 0) or N - 1 (id >= N), as with expert.clamp(0, N - 1).
+__device__ __forceinline__ int64_t clamp_id(int64_t id, int64_t n_exp) {
+  return id < 0 ? 0 : (id >= n_exp ? n_exp - 1 : id);
+}
+
 __global__ void _routing_hist_kernel(const int64_t* __restrict__ expert, int64_t m, int64_t n_exp,
-                                     int64_t* __restrict__ hist, int* __restrict__ bad) {
+                                     int64_t* __restrict__ hist) {
   __shared__ int64_t ids[kSortBlock];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kSortBlock + threadIdx.x;
-  int64_t id = -1;
-  if (row < m) {
-    id = expert[row];
-    if (id < 0 || id >= n_exp) {
-      *bad = 1;
-      id = -1;
-    }
-  }
+  const int64_t id = row < m ? clamp_id(expert[row], n_exp) : -1;
   ids[threadIdx.x] = id;
   __syncthreads();
   for (int64_t e = threadIdx.x; e < n_exp; e += kSortBlock) {
@@ -81,31 +80,54 @@ __global__ void _routing_hist_kernel(const int64_t* __restrict__ expert, int64_t
   }
 }
 
-// base[b * N + e] = rows of experts < e (all blocks) + rows of expert e in blocks < b.
-__global__ void _routing_scan_kernel(const int64_t* __restrict__ hist, int64_t n_blocks, int64_t n_exp,
-                                     int64_t* __restrict__ base, int64_t* __restrict__ count,
-                                     int64_t* __restrict__ offsets) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int64_t run = 0;
-  for (int64_t e = 0; e < n_exp; ++e) {
-    offsets[e] = run;
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      base[b * n_exp + e] = run;
-      run += hist[b * n_exp + e];
-    }
-    count[e] = run - offsets[e];
+// base[b * N + e] = rows of experts < e (all blocks) + rows of expert e in blocks < b: an exclusive
+// scan of hist in (expert, block) order. One CTA: each thread scans a contiguous run of that order,
+// a tree scan over the CTA combines the runs (integers: exact, any order gives the same result).
+constexpr int kScanThreads = 1024;
+
+__global__ void __launch_bounds__(kScanThreads) _routing_scan_kernel(
+    const int64_t* __restrict__ hist, int64_t n_blocks, int64_t n_exp, int64_t* __restrict__ base,
+    int64_t* __restrict__ count, int64_t* __restrict__ offsets) {
+  __shared__ int64_t part[kScanThreads];
+  const int tid = threadIdx.x;
+  const int64_t len = n_blocks * n_exp;
+  const int64_t per = (len + kScanThreads - 1) / kScanThreads;
+  const int64_t i0 = tid * per < len ? tid * per : len;
+  const int64_t i1 = i0 + per < len ? i0 + per : len;
+  int64_t own = 0;
+  for (int64_t i = i0; i < i1; ++i) own += hist[(i % n_blocks) * n_exp + i / n_blocks];
+  part[tid] = own;
+  __syncthreads();
+  for (int d = 1; d < kScanThreads; d <<= 1) {  // inclusive Hillis-Steele scan of the runs
+    const int64_t v = tid >= d ? part[tid - d] : 0;
+    __syncthreads();
+    part[tid] += v;
+    __syncthreads();
   }
-  offsets[n_exp] = run;
+  int64_t run = part[tid] - own;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i % n_blocks, e = i / n_blocks;
+    if (b == 0) offsets[e] = run;
+    base[b * n_exp + e] = run;
+    run += hist[b * n_exp + e];
+  }
+  const int64_t total = part[kScanThreads - 1];
+  if (n_blocks == 0) {
+    for (int64_t e = tid; e < n_exp; e += kScanThreads) offsets[e] = 0;
+  }
+  __syncthreads();  // offsets[e] of other threads are visible from here
+  for (int64_t e = tid; e < n_exp; e += kScanThreads) count[e] = (e + 1 < n_exp ? offsets[e + 1] : total) - offsets[e];
+  if (tid == 0) offsets[n_exp] = total;
 }
 
 __global__ void _routing_place_kernel(const int64_t* __restrict__ expert, int64_t m, int64_t n_exp,
                                       const int64_t* __restrict__ base, int64_t* __restrict__ perm) {
   __shared__ int64_t ids[kSortBlock];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kSortBlock + threadIdx.x;
-  const int64_t id = row < m ? expert[row] : -1;
+  const int64_t id = row < m ? clamp_id(expert[row], n_exp) : -1;
   ids[threadIdx.x] = id;
   __syncthreads();
-  if (row >= m || id < 0 || id >= n_exp) return;
+  if (row >= m) return;
   int64_t rank = 0;
   for (int i = 0; i < static_cast<int>(threadIdx.x); ++i) rank += ids[i] == id;
   perm[base[static_cast<int64_t>(blockIdx.x) * n_exp + id] + rank] = row;
@@ -130,6 +152,10 @@ template <typename T>
 __device__ __forceinline__ float to_f(T v) {
   return static_cast<float>(v);
 }
+
+// Row stride of the tile's hidden activations in shared memory: odd, so that the threads of a warp,
+// one row each, read 32 different banks in the classifier epilogue.
+__host__ __device__ __forceinline__ int64_t hs_stride(int64_t hdim) { return hdim | 1; }
 
 // Deterministic sum over the CTA (fixed tree); every thread gets the result.
 __device__ float block_sum(float v, float* red) {
@@ -160,12 +186,15 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
   __shared__ float gs[kBM];
   __shared__ int64_t rows[kBM];
   __shared__ float red[kThreads];
-  extern __shared__ float dyn[];  // hs[kBM * hdim], w2s[hdim]
+  extern __shared__ float dyn[];  // hs[kBM * hs_ld], w2s[hdim]
+  const int64_t hs_ld = hs_stride(hdim);
   float* hs = dyn;
-  float* w2s = dyn + kBM * hdim;
+  float* w2s = dyn + kBM * hs_ld;
 
   const int64_t t = blockIdx.x;
-  const int64_t lo = tile_lo[t], nt = tile_n[t], e = tile_e[t];
+  const int64_t e = tile_e[t];
+  if (e < 0) return;  // past the last tile (the grid is sized by the bound cdiv(M, kBM) + N)
+  const int64_t lo = tile_lo[t], nt = tile_n[t];
   const int tid = threadIdx.x;
   const scalar_t* Oe = proj + e * c * c;
   const scalar_t* W1e = w1 + e * hdim * c;
@@ -174,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
     rows[r] = p;
     gs[r] = p >= 0 ? to_f(gate[p]) : 0.f;
   }
-  for (int64_t i = tid; i < kBM * hdim; i += kThreads) hs[i] = 0.f;
+  for (int64_t i = tid; i < kBM * hs_ld; i += kThreads) hs[i] = 0.f;
   for (int64_t i = tid; i < hdim; i += kThreads) w2s[i] = to_f(w2[e * hdim + i]);
   __syncthreads();
 
@@ -267,15 +296,15 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
       const scalar_t* wrow = W1e + j * c + col0;
       float s = 0.f;
       for (int64_t q = 0; q < ncol; ++q) s += Ys[r][q] * to_f(wrow[q]);
-      hs[i] += s;
+      hs[r * hs_ld + j] += s;
     }
     __syncthreads();
   }
   // ---- classifier and logit scatter
-  for (int64_t i = tid; i < nt * hdim; i += kThreads) hs[i] += to_f(b1[e * hdim + i % hdim]);
+  for (int64_t i = tid; i < nt * hdim; i += kThreads) hs[(i / hdim) * hs_ld + i % hdim] += to_f(b1[e * hdim + i % hdim]);
   __syncthreads();
   if (tid < nt) {
-    logits[rows[tid]] = static_cast<scalar_t>(classifier_logit(hs + tid * hdim, w2s, to_f(b2[e]), hdim));
+    logits[rows[tid]] = static_cast<scalar_t>(classifier_logit(hs + tid * hs_ld, w2s, to_f(b2[e]), hdim));
   }
   const float m2 = block_sum(m2_part, red);
   if (tid == 0) t_m2[t] = m2;
@@ -302,29 +331,53 @@ __global__ void _routed_head_stats_merge_kernel(const float* __restrict__ t_mean
   if (threadIdx.x == 0) var[e] = n_a > 0.f ? m2 / (n_a * static_cast<float>(c)) : 0.f;
 }
 
-// Tiles of kBM rows per expert, built on the host from the offsets (one small device-to-host copy).
+// The tile map: each expert's rows cut into tiles of kBM rows, built on the device from the offsets.
+// Its size is the bound cdiv(M, kBM) + N on the number of tiles, so no count travels to the host;
+// entries past the last tile get e = -1 and n = 0.
 struct DeviceTiles {
   Tensor lo, n, e, first;
-  int64_t count;
+  int64_t count;  // the bound, the grid of the tile kernels
 };
 
-DeviceTiles make_tiles(const Tensor& offsets_cpu, const at::TensorOptions& lopts) {
-  const int64_t n_exp = offsets_cpu.size(0) - 1;
-  const int64_t* off = offsets_cpu.data_ptr<int64_t>();
-  std::vector<int64_t> lo, n, e, first(n_exp + 1);
+__global__ void _tile_map_kernel(const int64_t* __restrict__ offsets, int64_t n_exp, int64_t t_max,
+                                 int64_t* __restrict__ tile_lo, int64_t* __restrict__ tile_n,
+                                 int64_t* __restrict__ tile_e, int64_t* __restrict__ first) {
+  if (threadIdx.x == 0) {  // N steps
+    int64_t run = 0;
+    for (int64_t i = 0; i < n_exp; ++i) {
+      first[i] = run;
+      run += (offsets[i + 1] - offsets[i] + kBM - 1) / kBM;
+    }
+    first[n_exp] = run;
+  }
+  __syncthreads();
   for (int64_t i = 0; i < n_exp; ++i) {
-    first[i] = static_cast<int64_t>(lo.size());
-    for (int64_t r = off[i]; r < off[i + 1]; r += kBM) {
-      lo.push_back(r);
-      n.push_back(off[i + 1] - r < kBM ? off[i + 1] - r : kBM);
-      e.push_back(i);
+    const int64_t lo = offsets[i], hi = offsets[i + 1], f = first[i];
+    for (int64_t j = threadIdx.x; j < first[i + 1] - f; j += blockDim.x) {
+      const int64_t r = lo + j * kBM;
+      tile_lo[f + j] = r;
+      tile_n[f + j] = hi - r < kBM ? hi - r : kBM;
+      tile_e[f + j] = i;
     }
   }
-  first[n_exp] = static_cast<int64_t>(lo.size());
-  auto up = [&](const std::vector<int64_t>& v) {
-    return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(lopts.device(), /*non_blocking=*/false);
-  };
-  return {up(lo), up(n), up(e), up(first), static_cast<int64_t>(lo.size())};
+  for (int64_t t = first[n_exp] + threadIdx.x; t < t_max; t += blockDim.x) {
+    tile_lo[t] = 0;
+    tile_n[t] = 0;
+    tile_e[t] = -1;
+  }
+}
+
+DeviceTiles make_tiles(const Tensor& offsets, int64_t m, cudaStream_t stream) {
+  const int64_t n_exp = offsets.size(0) - 1;
+  const int64_t t_max = (m + kBM - 1) / kBM + n_exp;
+  const auto lopts = offsets.options();
+  DeviceTiles t{at::empty({t_max}, lopts), at::empty({t_max}, lopts), at::empty({t_max}, lopts),
+                at::empty({n_exp + 1}, lopts), t_max};
+  _tile_map_kernel<<<1, 1024, 0, stream>>>(offsets.data_ptr<int64_t>(), n_exp, t_max, t.lo.data_ptr<int64_t>(),
+                                           t.n.data_ptr<int64_t>(), t.e.data_ptr<int64_t>(),
+                                           t.first.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return t;
 }
 
 }  // namespace
@@ -341,19 +394,17 @@ std::tuple<Tensor, Tensor, Tensor> routing_metadata_cuda(const Tensor& expert, i
   const int64_t n_blocks = (m + kSortBlock - 1) / kSortBlock;
   Tensor hist = at::empty({n_blocks > 0 ? n_blocks * num_experts : 1}, lopts);
   Tensor base = at::empty_like(hist);
-  Tensor bad = at::zeros({1}, lopts.dtype(at::kInt));
   Tensor count = at::empty({num_experts}, lopts), offsets = at::empty({num_experts + 1}, lopts);
   Tensor perm = at::empty({m}, lopts);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (n_blocks > 0) {
     _routing_hist_kernel<<<static_cast<unsigned>(n_blocks), kSortBlock, 0, stream>>>(ex.data_ptr<int64_t>(), m, num_experts,
-                                                              hist.data_ptr<int64_t>(), bad.data_ptr<int>());
+                                                              hist.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  _routing_scan_kernel<<<1, 1, 0, stream>>>(hist.data_ptr<int64_t>(), n_blocks, num_experts, base.data_ptr<int64_t>(),
+  _routing_scan_kernel<<<1, kScanThreads, 0, stream>>>(hist.data_ptr<int64_t>(), n_blocks, num_experts, base.data_ptr<int64_t>(),
                                             count.data_ptr<int64_t>(), offsets.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK(bad.item<int>() == 0, "expert: ids must lie in [0, ", num_experts, ")");
   if (n_blocks > 0) {
     _routing_place_kernel<<<static_cast<unsigned>(n_blocks), kSortBlock, 0, stream>>>(ex.data_ptr<int64_t>(), m, num_experts,
                                                                base.data_ptr<int64_t>(), perm.data_ptr<int64_t>());
@@ -372,8 +423,8 @@ std::vector<Tensor> routed_head_fwd_cuda(const Tensor& x, const Tensor& expert, 
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t m = x.size(0), c = x.size(1), n_exp = proj.size(0), hdim = w1.size(1);
   auto [count, offsets, perm] = routing_metadata_cuda(expert, n_exp);
-  const Tensor off_cpu = offsets.cpu();
-  const DeviceTiles tiles = make_tiles(off_cpu, offsets.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceTiles tiles = make_tiles(offsets, m, stream);
   const auto fopts = x.options().dtype(at::kFloat);
   Tensor logits = at::empty({m}, x.options());
   Tensor t_mean = at::empty({tiles.count > 0 ? tiles.count * c : 1}, fopts);
@@ -381,8 +432,7 @@ std::vector<Tensor> routed_head_fwd_cuda(const Tensor& x, const Tensor& expert, 
   Tensor mean = at::empty({n_exp, c}, fopts), var = at::empty({n_exp}, fopts);
   const Tensor G = gate.contiguous(), O = proj.contiguous(), W1 = w1.contiguous(), B1 = b1.contiguous();
   const Tensor W2 = w2.contiguous(), B2 = b2.contiguous();
-  const size_t dyn = sizeof(float) * static_cast<size_t>(kBM * hdim + hdim);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const size_t dyn = sizeof(float) * static_cast<size_t>(kBM * hs_stride(hdim) + hdim);
   auto launch = [&](auto tag) {
     {
       using scalar_t = decltype(tag);
@@ -427,9 +477,9 @@ std::vector<Tensor> routed_head_bwd_cuda(const Tensor& glogits, const Tensor& gm
   const int64_t m = x.size(0), c = x.size(1), n_exp = proj.size(0), hdim = w1.size(1);
   const auto f32 = at::kFloat;
   const Tensor O = proj.to(f32), W1 = w1.to(f32), B1 = b1.to(f32), W2 = w2.to(f32);
-  const Tensor GL = glogits.to(f32), GM = gmean.to(f32), GV = gvar.to(f32).cpu();
-  const Tensor off_cpu = offsets.cpu();
-  check_routing_metadata(perm, off_cpu, count, m, n_exp);  // on the host copy: no second transfer
+  const Tensor GL = glogits.to(f32), GM = gmean.to(f32), GV = gvar.to(f32);
+  const Tensor off_cpu = offsets.cpu();  // the per-expert loop below runs on the host
+  if (debug_checks()) check_routing_metadata(perm, off_cpu, count, m, n_exp);
   const int64_t* off = off_cpu.data_ptr<int64_t>();
   const Tensor xs = x.index_select(0, perm).to(f32);
   const Tensor gs = gate.index_select(0, perm).to(f32);
@@ -437,7 +487,6 @@ std::vector<Tensor> routed_head_bwd_cuda(const Tensor& glogits, const Tensor& gm
   Tensor dx = at::empty({m, c}, x.options()), dgate = at::empty({m}, x.options().dtype(f32));
   Tensor dproj = at::zeros_like(O), dw1 = at::zeros_like(W1), db1 = at::zeros({n_exp, hdim}, O.options());
   Tensor dw2 = at::zeros({n_exp, hdim}, O.options()), db2 = at::zeros({n_exp}, O.options());
-  const float* gvp = GV.data_ptr<float>();
   for (int64_t e = 0; e < n_exp; ++e) {
     const int64_t lo = off[e], n = off[e + 1] - lo;
     if (n == 0) continue;
@@ -459,16 +508,14 @@ std::vector<Tensor> routed_head_bwd_cuda(const Tensor& glogits, const Tensor& gm
     dw1[e].copy_(at::mm(D, Oe.t()));
     const float nf = static_cast<float>(n);
     const Tensor a = GM[e] / nf;
-    const float k = 2.f * gvp[e] / (nf * static_cast<float>(c));
+    const Tensor k = GV[e] * (2.f / (nf * static_cast<float>(c)));  // stays on the device
     Tensor dpe = dproj[e];
     dpe.copy_(at::mm(W1e.t(), D));
     dpe.addr_(a, xb, 1, nf);
     Tensor qe = at::mm(dh, A);
     qe.add_(at::mv(Oe.t(), a));
-    if (k != 0.f) {
-      dpe.add_(at::mm(Oe, at::mm(wce.t(), wce)), k);
-      qe.addmm_(wce, at::mm(Oe.t(), Oe), 1, k);
-    }
+    dpe.add_(at::mm(Oe, at::mm(wce.t(), wce)) * k);
+    qe.add_(at::mm(wce, at::mm(Oe.t(), Oe)) * k);
     dx.index_copy_(0, pe, (qe * gs.narrow(0, lo, n).unsqueeze(1)).to(x.scalar_type()));
     dgate.index_copy_(0, pe, (qe * xs.narrow(0, lo, n)).sum(1));
   }
