@@ -49,7 +49,7 @@ def _cmd_train(args) -> int:
 def _load_model(args):
     import torch
 
-    from .archs import generator_from_checkpoint
+    from .archs import load_generator
 
     spec = None
     if args.arch:
@@ -58,14 +58,13 @@ def _load_model(args):
         for o in opts:
             k, _, v = o.partition("=")
             spec[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
-    model = generator_from_checkpoint(args.model, spec)
+    model, _, scale = load_generator(args.model, spec)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     if getattr(args, "fp16", False) and device == "cuda":
         model = model.half()
-    scale = getattr(model, "scale", None) or args.scale
     return model, device, scale
 
 
@@ -143,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     def model_args(q, required: bool):
-        q.add_argument("--model", required=required, help="generator checkpoint (.pth)")
-        q.add_argument("--arch", help="for checkpoints that do not name their generator, e.g. "
+        q.add_argument("--model", required=required,
+                       help="generator checkpoint (.pth / .safetensors): one from calgan train or any "
+                            "architecture spandrel detects")
+        q.add_argument("--arch", help="for checkpoints whose architecture is not detected, e.g. "
                                       "'RRDBNet,num_block=23' or 'EDSR_baseline'")
         q.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4)")
         q.add_argument("--tile", type=int, default=None, help="LR tile size for large images")
