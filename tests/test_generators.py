@@ -16,7 +16,7 @@ from calgan_fast.archs import (
 from calgan_fast.cli import main
 from calgan_fast.data import read_image, write_image
 from calgan_fast.train import ConfigError, load_config
-from tests.test_train import _photos, _tiny
+from tests.test_train import REPO, _photos, _tiny
 
 spandrel = pytest.importorskip("spandrel")
 
@@ -155,3 +155,10 @@ def test_swinir_m_is_the_papers_size():
     hp = m.hyperparameters
     assert (hp["embed_dim"], hp["depths"], hp["num_heads"], hp["window_size"], hp["img_size"],
             hp["upsampler"], hp["upscale"]) == (180, [6] * 6, [6] * 6, 8, 64, "pixelshuffle", 4)
+
+
+def test_swinir_example_config():
+    cfg = load_config(None, REPO / "examples" / "swinir_calgan.yml")
+    assert cfg["network_g"] == {"type": "SwinIR_M"} and cfg["scale"] == 4
+    assert cfg["path"]["pretrain_network_g"].endswith("SwinIR-M_x4.pth")
+    assert cfg["datasets"]["train"]["dataroot_lq"].endswith("LR_bicubic_sub/X4")
