@@ -14,7 +14,7 @@ from calgan_fast.archs import (
     training_generator,
 )
 from calgan_fast.cli import main
-from calgan_fast.data import read_image, write_image
+from calgan_fast.data import imresize, read_image, write_image
 from calgan_fast.train import ConfigError, load_config
 from tests.test_train import REPO, _photos, _tiny
 
@@ -102,6 +102,13 @@ def test_community_swinir_file_finetunes_and_upscales(tmp_path, capsys, fmt):
         assert main(["upscale", str(lr), str(out), "--model", str(model_file), "--device", "cpu"]) == 0
         assert read_image(out).shape == (40, 48, 3)
     capsys.readouterr()
+    if fmt == "safetensors":  # calgan eval --model runs the detected file too
+        gt = read_image(tmp_path / "data" / "img0.png")
+        write_image(tmp_path / "gt" / "a.png", gt)
+        write_image(tmp_path / "lq" / "a.png", imresize(gt, 0.25))
+        assert main(["eval", "--model", str(path), "--lr", str(tmp_path / "lq"), "--gt", str(tmp_path / "gt"),
+                     "--psnr-only", "--device", "cpu"]) == 0
+        assert "| a.png | " in capsys.readouterr().out
 
 
 def test_pretrained_file_of_another_scale_is_one_clear_error(tmp_path, capsys):
