@@ -1,4 +1,4 @@
-"""The ``calgan`` command line: ``train``, ``eval`` and ``upscale``.
+"""The ``calgan`` command line: ``train``, ``eval``, ``upscale`` and ``prepare``.
 
 Errors the user can fix (a missing folder, a corrupt image, a config typo, a checkpoint of the
 wrong architecture, an output that would be overwritten) end the command with one line,
@@ -49,7 +49,7 @@ def _cmd_train(args) -> int:
 def _load_model(args):
     import torch
 
-    from .archs import generator_from_checkpoint
+    from .archs import load_generator
 
     spec = None
     if args.arch:
@@ -58,14 +58,13 @@ def _load_model(args):
         for o in opts:
             k, _, v = o.partition("=")
             spec[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
-    model = generator_from_checkpoint(args.model, spec)
+    model, _, scale = load_generator(args.model, spec)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     if getattr(args, "fp16", False) and device == "cuda":
         model = model.half()
-    scale = getattr(model, "scale", None) or args.scale
     return model, device, scale
 
 
@@ -131,6 +130,18 @@ def _cmd_upscale(args) -> int:
     return 0
 
 
+def _cmd_prepare(args) -> int:
+    from .data.prepare import prepare
+
+    res = prepare(args.hr, args.out, args.scales, args.crop_size, args.step, args.thresh_size,
+                  args.workers, progress=not args.quiet)
+    out = Path(args.out)
+    print(f"{res['images']} images ({res['skipped']} already done), {res['sub_images']} sub-images written\n"
+          f"  HR  {out / 'HR_sub'}\n" + "".join(f"  LR x{s}  {out / 'LR_bicubic_sub' / f'X{s}'}\n"
+                                                for s in sorted(set(args.scales))), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calgan", description="CAL-GAN super-resolution: train, evaluate, upscale.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -143,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     def model_args(q, required: bool):
-        q.add_argument("--model", required=required, help="generator checkpoint (.pth)")
-        q.add_argument("--arch", help="for checkpoints that do not name their generator, e.g. "
+        q.add_argument("--model", required=required,
+                       help="generator checkpoint (.pth / .safetensors): one from calgan train or any "
+                            "architecture spandrel detects")
+        q.add_argument("--arch", help="for checkpoints whose architecture is not detected, e.g. "
                                       "'RRDBNet,num_block=23' or 'EDSR_baseline'")
         q.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4)")
         q.add_argument("--tile", type=int, default=None, help="LR tile size for large images")
@@ -174,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--fp16", action="store_true", help="half precision on GPU")
     u.add_argument("--overwrite", action="store_true")
     u.set_defaults(func=_cmd_upscale)
+
+    r = sub.add_parser("prepare", help="cut HR images (DIV2K) into sub-images with bicubic LR copies")
+    r.add_argument("--hr", required=True, help="folder of HR images, e.g. DIV2K_train_HR")
+    r.add_argument("--out", required=True, help="output folder (HR_sub/, LR_bicubic_sub/X<s>/)")
+    r.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], help="LR scales (default 2 3 4)")
+    r.add_argument("--crop-size", type=int, default=480, help="sub-image side (default 480)")
+    r.add_argument("--step", type=int, default=240, help="stride between sub-images (default 240)")
+    r.add_argument("--thresh-size", type=int, default=48,
+                   help="a remainder wider than this gets one more sub-image at the edge (default 48)")
+    r.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_prepare)
     return p
 
 

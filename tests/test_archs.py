@@ -109,5 +109,9 @@ def test_generator_from_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(generator_from_checkpoint(tmp_path / "a.pth")(x), g(x))
         torch.testing.assert_close(generator_from_checkpoint(tmp_path / "b.pth", spec)(x), g(x))
-    with pytest.raises(CheckpointError, match="does not say which generator"):
-        generator_from_checkpoint(tmp_path / "b.pth")
+    # A file without network_g in BasicSR's RRDB layout is detected from its keys.
+    with torch.no_grad():
+        torch.testing.assert_close(generator_from_checkpoint(tmp_path / "b.pth")(x), g(x))
+    torch.save({"params": {f"g.{k}": v for k, v in g.state_dict().items()}}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match=r"c\.pth: spandrel does not recognise"):
+        generator_from_checkpoint(tmp_path / "c.pth")

@@ -252,6 +252,15 @@ def validate(cfg: Mapping, where: str = "config") -> None:
             raise ConfigError(f"{where}: {'.'.join(path)} = {v!r}; expected one of {list(choices)}")
     if cfg["scale"] not in (2, 3, 4):
         raise ConfigError(f"{where}: scale = {cfg['scale']!r}; expected 2, 3 or 4")
+    g = dict(cfg["network_g"])
+    if not isinstance(g.get("type"), str):
+        raise ConfigError(f"{where}: network_g.type is not set (a generator name, e.g. RRDBNet or SwinIR_M)")
+    from ..archs import resolve_generator
+
+    try:
+        resolve_generator(g.pop("type"), g)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     tr = cfg["datasets"]["train"]
     if not tr["dataroot_gt"]:
         raise ConfigError(f"{where}: datasets.train.dataroot_gt is not set (a folder of HR images, "

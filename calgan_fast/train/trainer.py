@@ -34,7 +34,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..archs import build_generator, load_generator_weights
+from ..archs import CheckpointError, training_generator
 from ..data import HRFolderDataset, PairedFolderDataset, TrainSampler, sample_images, tensor2img, write_image
 from ..metrics import psnr, ssim
 from .checkpoint import (
@@ -226,15 +226,16 @@ class Trainer:
         np.random.seed(cfg["manual_seed"] % 2**32)
         random.seed(cfg["manual_seed"])
         self.scale = cfg["scale"]
-        spec = dict(cfg["network_g"])
-        if spec.setdefault("scale", self.scale) != self.scale:
-            raise ConfigError(f"network_g.scale = {spec['scale']} differs from scale = {self.scale}")
-        self.g_spec = dict(spec)  # saved with the weights so that eval/upscale can rebuild G
-        name = spec.pop("type")
-        self.net_g = build_generator(name, **spec).to(self.device)
-        pre = cfg["path"]["pretrain_network_g"]
-        if pre:
-            load_generator_weights(self.net_g, pre, cfg["path"]["param_key_g"], cfg["path"]["strict_load_g"])
+        # g_spec is saved with the weights so that eval/upscale can rebuild G; with
+        # path.pretrain_network_g the architecture comes from the file when it is known.
+        try:
+            net_g, self.g_spec = training_generator(cfg["network_g"], self.scale, *(
+                cfg["path"][k] for k in ("pretrain_network_g", "param_key_g", "strict_load_g")))
+        except CheckpointError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.net_g = net_g.to(self.device)
         from ..nn.baselines import build_discriminator
 
         try:
