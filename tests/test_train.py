@@ -88,8 +88,8 @@ def test_config_errors(tmp_path):
         load_config("quickstart", cfg)
     cfg.write_text("train:\n  optim_g:\n    lr: 1e-4\n")  # YAML reads 1e-4 as a string
     assert load_config("quickstart", cfg)["train"]["optim_g"]["lr"] == 1e-4
-    cfg.write_text("network_g:\n  num_block: 2\n")  # same type: updated, not replaced
-    assert load_config("quickstart", cfg)["network_g"]["num_feat"] == 16
+    cfg.write_text("network_g:\n  num_conv: 2\n")  # same type: updated, not replaced
+    assert load_config("quickstart", cfg)["network_g"]["num_feat"] == 32
 
 
 def test_train_writes_run_folder(tmp_path):
