@@ -73,10 +73,10 @@ def train_command(args) -> int:
             print(f"  {line}")
     if out is None:
         out = Path("runs") / cfg["name"]
-    check_files(cfg, cfg.origin)
     msg = memory_warning(cfg, _device(cfg))
     if msg:
         warnings.warn(msg, stacklevel=1)
+    check_files(cfg, cfg.origin)
     if not cfg["datasets"]["val"]["dataroot_gt"]:
         print("note: no validation set; set datasets.val.dataroot_gt to a folder of HR images (e.g. "
               "--set datasets.val.dataroot_gt=path/to/Set14/HR) for PSNR/SSIM every val.val_freq iterations")
