@@ -257,3 +257,10 @@ def test_quickstart_phase1_beats_bicubic(tmp_path, monkeypatch):
     with torch.no_grad():
         sr = g(item["lq"][None])[0].clamp(0, 1)
     assert (sr.mean((1, 2)) - item["gt"].mean((1, 2))).abs().max() < 0.01
+
+
+def test_example_paper_config_loads():
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_paper.yml"
+    cfg = build_config(None, path)
+    assert cfg.base == "paper" and cfg["datasets"]["val"]["dataroot_gt"] is None
+    assert cfg["network_d"]["num_experts"] == load_config("paper")["network_d"]["num_experts"]
