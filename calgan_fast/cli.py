@@ -15,35 +15,21 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+_default_fmt = warnings.formatwarning
+_PKG = str(Path(__file__).resolve().parent)
+
+
 def _fmt_warning(message, category, filename, lineno, line=None):
-    return f"calgan: warning: {message}\n"
+    # The library's own warnings read as the command's; others keep their origin.
+    if str(Path(filename).resolve()).startswith(_PKG):
+        return f"calgan: warning: {message}\n"
+    return _default_fmt(message, category, filename, lineno, line)
 
 
 def _cmd_train(args) -> int:
-    from .train import load_config, train
-    from .train.trainer import list_checkpoints
+    from .train.command import train_command
 
-    out = Path(args.out) if args.out else None
-    if args.resume and args.config is None and args.preset is None:
-        if out is None:
-            raise ValueError("--resume needs --out (the run folder to continue)")
-        saved = out / "config.yml"
-        if not saved.is_file():
-            raise FileNotFoundError(f"{saved}: no saved config in the run folder to resume")
-        cfg = load_config(None, saved)
-    else:
-        cfg = load_config(args.preset if args.preset or args.config else "quickstart", args.config)
-    if out is None:
-        out = Path("runs") / cfg["name"]
-    last = train(cfg, out, resume=args.resume)
-    if last and "_rank" not in last and (list_checkpoints(out / "checkpoints") or (out / "models").is_dir()):
-        print(f"done: run folder {out}\n"
-              f"  checkpoints  {out / 'checkpoints'}\n"
-              f"  final model  {out / 'models' / 'net_g_final.pth'}\n"
-              f"  samples and routing maps  {out / 'samples'}\n"
-              f"  metrics  {out / 'metrics.json'} (validation), {out / 'train_log.jsonl'} (losses)\n"
-              f"  TensorBoard  tensorboard --logdir {out / 'tb'}")
-    return 0
+    return train_command(args)
 
 
 def _load_model(args):
@@ -147,10 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a generator with the CAL-GAN discriminator")
-    t.add_argument("--preset", choices=["quickstart", "paper"], help="built-in settings (default quickstart)")
-    t.add_argument("--config", help="YAML file; its keys override the preset's")
+    t.add_argument("--preset", choices=["quickstart", "paper"],
+                   help="base settings; default: the config's 'base:' key, else quickstart")
+    t.add_argument("--config", help="YAML file; its keys override the base's (with --resume: the saved config's)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override one key, e.g. --set train.total_iter=600 (repeatable; value read as YAML)")
     t.add_argument("--out", help="run folder (default runs/<name>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint; --config/--set change its saved config")
     t.set_defaults(func=_cmd_train)
 
     def model_args(q, required: bool):

@@ -134,7 +134,7 @@ def test_bad_inputs_one_clear_line(tmp_path, tiny_ckpt, capsys):
     assert not (tmp_path / "run").exists()
     cfg.write_text(f"datasets:\n  train:\n    dataroot_gt: {tmp_path / 'missing'}\n")
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
-    _one_error_line(capsys, "missing: dataroot_gt not found")
+    _one_error_line(capsys, "datasets.train.dataroot_gt = ", "missing", "folder not found")
     # A checkpoint of another architecture.
     wrong = tmp_path / "edsr.pth"
     torch.save({"params": EDSR(num_feat=8, num_block=1).state_dict()}, wrong)

@@ -88,8 +88,8 @@ def test_config_errors(tmp_path):
         load_config("quickstart", cfg)
     cfg.write_text("train:\n  optim_g:\n    lr: 1e-4\n")  # YAML reads 1e-4 as a string
     assert load_config("quickstart", cfg)["train"]["optim_g"]["lr"] == 1e-4
-    cfg.write_text("network_g:\n  num_block: 2\n")  # same type: updated, not replaced
-    assert load_config("quickstart", cfg)["network_g"]["num_feat"] == 16
+    cfg.write_text("network_g:\n  num_conv: 2\n")  # same type: updated, not replaced
+    assert load_config("quickstart", cfg)["network_g"]["num_feat"] == 32
 
 
 def test_train_writes_run_folder(tmp_path):
@@ -196,7 +196,7 @@ def test_quickstart_learns(tmp_path, monkeypatch):
         train(cfg, tmp_path / "run", progress=False)
     log = _log(tmp_path / "run")
     p1 = [x["l_pix"] for x in log if x["phase"] == 1]
-    assert np.mean(p1[-5:]) < 0.6 * np.mean(p1[:3])  # L1 goes down
+    assert np.mean(p1[-10:]) < np.mean(p1[:10])  # L1 goes down (from near bicubic's)
     p2 = [0.5 * (x["d_acc_real"] + x["d_acc_fake"]) for x in log if x["phase"] == 2]
     assert np.mean(p2[-5:]) > 0.75  # well above chance
     run = tmp_path / "run"

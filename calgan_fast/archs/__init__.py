@@ -23,10 +23,12 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from .compact import CompactSR
 from .edsr import EDSR
 from .rrdbnet import RRDBNet
 
 __all__ = [
+    "CompactSR",
     "EDSR",
     "RRDBNet",
     "CheckpointError",
@@ -53,6 +55,7 @@ def _edsr_paper(**kw) -> EDSR:
 #: name -> constructor. Keyword arguments of a config's ``network_g`` are passed through.
 GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "RRDBNet": RRDBNet,
+    "CompactSR": CompactSR,
     "EDSR": EDSR,
     "EDSR_baseline": _edsr_baseline,
     "EDSR_paper": _edsr_paper,

@@ -144,9 +144,13 @@ def build_dataset(spec: dict, scale: int, train: bool, cache_dir: Path):
                       cache=spec["cache"])
     else:
         common.update(gt_size=None, use_hflip=False, use_rot=False)
+    from .startup import select_subset
+
     if spec["type"] == "PairedFolderDataset":
-        return PairedFolderDataset(gt, spec["dataroot_lq"], scale=scale, **common)
-    return HRFolderDataset(gt, scale=scale, **common)
+        ds = PairedFolderDataset(gt, spec["dataroot_lq"], scale=scale, **common)
+    else:
+        ds = HRFolderDataset(gt, scale=scale, **common)
+    return select_subset(ds, spec, split)
 
 
 def sample_dir() -> Path:
@@ -195,20 +199,41 @@ class Trainer:
         self.train_set = build_dataset(cfg["datasets"]["train"], self.scale, True, cache)
         val = cfg["datasets"]["val"]
         self.val_set = build_dataset(val, self.scale, False, cache) if val["dataroot_gt"] else None
+        self.notes: list[str] = [f"train: {len(self.train_set)} image(s) from {self.train_set_root()}"]
+        if self.val_set is not None:
+            self.notes.append(f"validation: {len(self.val_set)} image(s) from {self.train_set_root(False)}")
+        self._check_folder(resume)
+        self._build()  # loads weights: a missing file fails before the run folder is made
         self._prepare_folder(resume)
-        self._build()
         self.it = 0
         if resume:
             self._load_checkpoint()
 
     # ---------------------------------------------------------------- setup
-    def _prepare_folder(self, resume: bool) -> None:
+    def train_set_root(self, train: bool = True) -> str:
+        ds = self.train_set if train else self.val_set
+        first = ds.pairs[0][0] if hasattr(ds, "pairs") else ds.files[0]
+        return str(first.parent)
+
+    def _say(self, message: str) -> None:
+        """A line on the console (above the progress bar), rank 0 only."""
+        if not self.is_main:
+            return
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def _check_folder(self, resume: bool) -> None:
         ckpts = list_checkpoints(self.out / "checkpoints")
         if resume and not ckpts:
             raise RunFolderError(f"{self.out}: --resume given but the folder holds no checkpoint")
         if not resume and (ckpts or (self.out / "train_log.jsonl").exists()):
             raise RunFolderError(f"{self.out}: already holds a run; add --resume to continue it, or "
                                  "choose another --out (nothing was changed)")
+
+    def _prepare_folder(self, resume: bool) -> None:
         if self.is_main:
             for sub in ("checkpoints", "models", "samples"):
                 (self.out / sub).mkdir(parents=True, exist_ok=True)
@@ -236,6 +261,9 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.net_g = net_g.to(self.device)
+        if cfg["path"]["pretrain_network_g"]:
+            self.notes.append(f"generator: weights loaded from {cfg['path']['pretrain_network_g']} "
+                              "(path.pretrain_network_g)")
         from ..nn.baselines import build_discriminator
 
         try:
@@ -270,14 +298,14 @@ class Trainer:
         self.scaler_g = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.total = tr["pretrain_iter"] + tr["total_iter"]
-        self.acc_window: deque = deque(maxlen=cfg["logger"]["chance_warn_iters"])
+        from .startup import LazyWriter, chance_window, tensorboard_available
+
+        self.acc_window: deque = deque(maxlen=chance_window(cfg))
         self.tb = None
         if self.is_main and cfg["logger"]["use_tb_logger"]:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.out / "tb"))
-            except ImportError:
+            if tensorboard_available():
+                self.tb = LazyWriter(self.out / "tb")
+            else:
                 warnings.warn("tensorboard is not installed: no TensorBoard scalars "
                               "(pip install tensorboard)", stacklevel=2)
 
@@ -289,7 +317,11 @@ class Trainer:
 
         try:
             # enabled: true fetches torchvision's file into the torch hub cache when it is missing.
-            return PerceptualLoss(po["weights_path"] or "imagenet", download=po["enabled"] is True).to(self.device)
+            loss = PerceptualLoss(po["weights_path"] or "imagenet", download=po["enabled"] is True).to(self.device)
+            from ..losses import default_vgg19_path
+
+            self.notes.append(f"perceptual loss: VGG19 weights from {po['weights_path'] or default_vgg19_path()}")
+            return loss
         except FileNotFoundError as exc:
             if po["enabled"] is True:
                 raise ConfigError(f"train.perceptual_opt: {exc}") from None
@@ -353,6 +385,7 @@ class Trainer:
         self.acc_window.extend(st["acc_window"])
         _set_rng_state(st["rng"])
         self.it = st["iter"]
+        self.notes.append(f"resumed: full training state from {path} (iteration {self.it})")
         if self.is_main:
             self._truncate_log()
 
@@ -450,14 +483,18 @@ class Trainer:
                 logs[f"d_{k}"] = d[k].detach()
         if not self.d_routed:
             return logs
-        count = d["stats"].count.float()
+        # Usage as the routing maps show it: each pixel's most probable expert (the Gumbel-sampled
+        # experts of the step, which the losses use, are logged as expert_usage_sampled).
+        probs = d["routing"].probs.float()
+        n = probs.shape[1]
+        count = torch.stack([d["stats"].count.float(),
+                             torch.bincount(probs.argmax(1).reshape(-1), minlength=n).float()])
         if self.distributed:
             dist.all_reduce(count)
-        usage = count / count.sum().clamp_min(1)
+        usage = count[1] / count[1].sum().clamp_min(1)
         logs["usage"] = usage
-        n = usage.numel()
+        logs["usage_sampled"] = count[0] / count[0].sum().clamp_min(1)
         ent = -(usage * usage.clamp_min(1e-12).log()).sum() / max(math.log(n), 1e-12)
-        probs = d["routing"].probs.float()
         pix_ent = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean() / max(math.log(n), 1e-12)
         logs["routing_entropy"] = ent
         logs["routing_pixel_entropy"] = pix_ent
@@ -468,7 +505,7 @@ class Trainer:
         """Losses and accuracies averaged over the ranks (usage is already global)."""
         if not self.distributed:
             return logs
-        keys = [k for k, v in logs.items() if k != "usage" and torch.is_tensor(v) and v.numel() == 1]
+        keys = [k for k, v in logs.items() if not k.startswith("usage") and torch.is_tensor(v) and v.numel() == 1]
         vals = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).to(self.device)
         dist.all_reduce(vals)
         vals /= self.world
@@ -477,11 +514,12 @@ class Trainer:
     def _log(self, logs: dict, it_per_s: float) -> dict:
         flat = {"iter": self.it, "phase": 1 if self.it <= self.cfg["train"]["pretrain_iter"] else 2}
         for k, v in logs.items():
-            if k == "usage":
-                flat["expert_usage"] = [round(float(x), 6) for x in v]
+            if k.startswith("usage"):
+                flat["expert_" + k] = [round(float(x), 6) for x in v]
             else:
                 flat[k] = float(v)
         flat["lr_g"] = self.opt_g.param_groups[0]["lr"]
+        flat["lr_d"] = self.opt_d.param_groups[0]["lr"]
         flat["it_per_s"] = round(it_per_s, 3)
         if self.is_main:
             with open(self.out / "train_log.jsonl", "a", encoding="utf-8") as f:
@@ -492,6 +530,8 @@ class Trainer:
         if self.tb is None:
             return
         for k, v in logs.items():
+            if k == "usage_sampled":
+                continue
             if k == "usage":
                 for i, x in enumerate(v.tolist()):
                     self.tb.add_scalar(f"routing/expert_{i:02d}_usage", x, self.it)
@@ -501,6 +541,8 @@ class Trainer:
                 self.tb.add_scalar(f"accuracy/{k[2:]}", float(v), self.it)
             else:
                 self.tb.add_scalar(f"loss/{k}", float(v), self.it)
+        self.tb.add_scalar("lr/g", self.opt_g.param_groups[0]["lr"], self.it)
+        self.tb.add_scalar("lr/d", self.opt_d.param_groups[0]["lr"], self.it)
 
     def _check_chance(self, logs: dict) -> None:
         if "d_acc_real" not in logs:
@@ -509,41 +551,48 @@ class Trainer:
         lg = self.cfg["logger"]
         if len(self.acc_window) == self.acc_window.maxlen and self.is_main:
             mean = sum(self.acc_window) / len(self.acc_window)
-            if mean < 0.5 + lg["chance_margin"] and self.it % lg["chance_warn_iters"] == 0:
+            if mean < 0.5 + lg["chance_margin"] and self.it % self.acc_window.maxlen == 0:
                 warnings.warn(f"iteration {self.it}: the discriminator's accuracy on real/fake pixels has "
-                              f"stayed at chance ({mean:.3f}) for {lg['chance_warn_iters']} iterations; "
+                              f"stayed at chance ({mean:.3f}) for {self.acc_window.maxlen} iterations; "
                               "consider a smaller train.d_opt.lambda_d", stacklevel=2)
 
-    def _sample_batch(self):
-        ds = self.val_set if self.val_set is not None else self.train_set
-        item = ds[0]
-        gt = item["gt"]
-        # A centred crop keeps samples cheap and a multiple of 4 for the discriminator.
-        size = min(gt.shape[1], gt.shape[2], 256) // (4 * self.scale) * (4 * self.scale)
-        top, left = (gt.shape[1] - size) // 2 // self.scale, (gt.shape[2] - size) // 2 // self.scale
-        s = self.scale
-        lq = item["lq"][:, top:top + size // s, left:left + size // s]
-        gt = gt[:, top * s:top * s + size, left * s:left * s + size]
-        return lq[None].to(self.device), gt[None].to(self.device)
+    def _sample_pairs(self) -> list:
+        if getattr(self, "_pairs", None) is None:
+            from .samples import crops
+
+            ds = self.val_set if self.val_set is not None else self.train_set
+            lg = self.cfg["logger"]
+            items = []
+            for i in range(min(len(ds), lg["sample_images"])):
+                item = ds[i]
+                if ds is self.train_set:  # a training crop: take it whole, as seen in training
+                    item = {"lq": item["lq"], "gt": item["gt"]}
+                items.append(item)
+            self._pairs = crops(items, lg["sample_crops"], lg["sample_crop_size"], self.scale)
+        return self._pairs
 
     @torch.no_grad()
     def write_samples(self) -> None:
+        """``iter_N_sr.png`` (labelled LR | SR | HR crops) and, once D trains, ``iter_N_routing.png``."""
         if not self.is_main:
             return
-        lq, gt = self._sample_batch()
-        sr = self.ema.model(lq).clamp(0, 1)
-        up = F.interpolate(lq, scale_factor=self.scale, mode="nearest")
-        strip = torch.cat([up, sr, gt], dim=3)[0]
-        write_image(self.out / "samples" / f"iter_{self.it:07d}_sr.png", tensor2img(strip))
-        if not self.d_routed:
-            return
-        from ..viz import routing_map
+        from .samples import routing_panel, sr_panel
 
-        # Eval mode: argmax routing, BN with the batch's own statistics as in training.
-        rmap = routing_map(self.net_d, gt)  # one feature pixel = one p x p patch
-        hr = tensor2img(gt[0])[: rmap.shape[0], : rmap.shape[1]]
-        blend = (0.5 * hr.astype(np.float32) + 0.5 * rmap.astype(np.float32)).round().astype(np.uint8)
-        write_image(self.out / "samples" / f"iter_{self.it:07d}_routing.png", np.concatenate([hr, blend], 1))
+        pairs = self._sample_pairs()
+        if not pairs:
+            return
+        panel, _ = sr_panel(self.ema.model, pairs, self.scale, self.device, self.it)
+        write_image(self.out / "samples" / f"iter_{self.it:07d}_sr.png", panel)
+        if self.tb is not None:
+            self.tb.add_image("samples/sr", panel, self.it, dataformats="HWC")
+        if self.it <= self.cfg["train"]["pretrain_iter"] or not self.d_routed:
+            return  # phase 1: D has not trained, its routing means nothing yet; baselines do not route
+        rmap, usage = routing_panel(self.net_d, pairs, self.device, self.it)
+        write_image(self.out / "samples" / f"iter_{self.it:07d}_routing.png", rmap)
+        if self.tb is not None:
+            self.tb.add_image("samples/routing", rmap, self.it, dataformats="HWC")
+            for i, x in enumerate(usage.tolist()):
+                self.tb.add_scalar(f"routing_map/expert_{i:02d}_usage", x, self.it)
 
     @torch.no_grad()
     def validate(self) -> dict | None:
@@ -562,7 +611,16 @@ class Trainer:
             a, b = tensor2img(sr), tensor2img(item["gt"])
             p_sum += psnr(a, b, border, v["test_y_channel"])
             s_sum += ssim(a, b, border, v["test_y_channel"])
-        res = {"iter": self.it, "psnr": p_sum / n, "ssim": s_sum / n, "images": n}
+        if getattr(self, "_bicubic", None) is None:
+            from .samples import bicubic_baseline
+
+            self._bicubic = bicubic_baseline(self.val_set, n, border, v["test_y_channel"])
+        res = {"iter": self.it, "psnr": p_sum / n, "ssim": s_sum / n, "images": n,
+               "bicubic_psnr": self._bicubic["psnr"], "bicubic_ssim": self._bicubic["ssim"]}
+        chan = "Y" if v["test_y_channel"] else "RGB"
+        self._say(f"validation, iteration {self.it} (phase {1 if self.it <= self.cfg['train']['pretrain_iter'] else 2}, "
+                  f"EMA generator, {n} image{'s' * (n > 1)}): PSNR-{chan} {res['psnr']:.2f} dB, "
+                  f"SSIM {res['ssim']:.4f}; bicubic: {res['bicubic_psnr']:.2f} dB, {res['bicubic_ssim']:.4f}")
         path = self.out / "metrics.json"
         hist = json.loads(path.read_text()) if path.exists() else {"history": []}
         hist["history"] = [h for h in hist["history"] if h["iter"] < self.it] + [res]
@@ -575,6 +633,7 @@ class Trainer:
         if self.tb is not None:
             self.tb.add_scalar("val/psnr", res["psnr"], self.it)
             self.tb.add_scalar("val/ssim", res["ssim"], self.it)
+            self.tb.add_scalar("val/bicubic_psnr", res["bicubic_psnr"], self.it)
         return res
 
     def save_final(self) -> Path:
@@ -607,6 +666,16 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total, initial=self.it, desc=cfg["name"], unit="it", dynamic_ncols=True)
+        self._bar = bar
+        for note in self.notes:
+            self._say(note)
+        phases = [f"phase 1 (L1 pre-training): iterations 1-{pre}"] if pre else []
+        if self.total > pre:
+            phases.append(f"phase 2 (CAL-GAN): iterations {pre + 1}-{self.total}")
+        self._say("; ".join(phases))
+        if dcfg["cache"] and self.it < end_of_first_pass(len(self.train_set), bs):
+            self._say(f"datasets.train.cache: the first pass decodes the {len(self.train_set)} training images "
+                      "and keeps them in memory; iterations speed up once it is done")
         last: dict = {}
         t0, n0 = time.perf_counter(), self.it
         data = iter(loader)
@@ -619,6 +688,8 @@ class Trainer:
                 # Phase 2 starts: fresh optimiser, the EMA restarts from the pre-trained weights.
                 self._phase_optimizer(2)
                 self.ema.reset(self.net_g)
+                self._say(f"iteration {self.it}: phase 1 done; phase 2 (CAL-GAN) starts with a fresh "
+                          "optimiser (train.optim_g) and the EMA restarted from the phase-1 weights")
             self.it += 1
             logs = self._step_pretrain(lq, gt) if self.it <= pre else self._step_gan(lq, gt)
             self._check_chance(logs)
@@ -640,11 +711,17 @@ class Trainer:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
+        self._bar = None
         if self.it == self.total:
             self.save_final()
         if self.tb is not None:
             self.tb.flush()
         return last
+
+
+def end_of_first_pass(n_images: int, batch_size: int) -> int:
+    """Iterations it takes to see every image once."""
+    return -(-n_images // max(batch_size, 1))
 
 
 def train(cfg: dict, out: str | os.PathLike, resume: bool = False, stop_after: int | None = None,
