@@ -101,7 +101,7 @@ def routing_quality(expert, num_experts: int, content=None) -> dict:
     ent = float(-(usage[usage > 0] * usage[usage > 0].log()).sum()) / max(math.log(num_experts), 1e-12)
     out = {"num_experts": num_experts, "pixels": int(e.numel()),
            "usage": [round(float(u), 6) for u in usage],
-           "usage_entropy": ent if num_experts > 1 else 1.0,
+           "usage_entropy": max(ent, 0.0) if num_experts > 1 else 1.0,
            "experts_alive": int((usage > 1.0 / (4 * num_experts)).sum())}
     if content is not None:
         c = torch.as_tensor(content).reshape(-1).cpu()
@@ -182,13 +182,16 @@ def load_discriminator(path: str | os.PathLike, device: str | torch.device = "cp
 def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
     """2-D t-SNE (scikit-learn) of ``(P, c)`` features; ``(P, 2)``."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     p = features.shape[0]
     if p < 4:
         raise ValueError(f"t-SNE: needs at least 4 points, got {p}")
     perplexity = float(min(30.0, (p - 1) / 3.0))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-        features.astype(np.float32))
+    # One thread: scikit-learn's OpenMP threads next to torch's oversubscribe the cores (10x slower).
+    with threadpool_limits(limits=1):
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+            features.astype(np.float32))
 
 
 def _projected(net_d, feats: Tensor, expert: Tensor) -> Tensor:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,7 +113,10 @@ def build_metric(name: str, device: str | torch.device = "cpu"):
         import pyiqa
     except ImportError:
         raise ImportError(f"{name}: needs pyiqa (pip install 'calgan_fast[metrics]')") from None
-    with _explain_downloads(name):
+    # pyiqa prints what it loads: to stderr, so that stdout keeps the results alone.
+    with _explain_downloads(name), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        # pyiqa builds torchvision backbones with arguments torchvision has deprecated.
+        warnings.filterwarnings("ignore", message=r".*(parameter 'pretrained'|weight enum).*", category=UserWarning)
         return pyiqa.create_metric(IQA_METRICS[name][0], device=torch.device(device), as_loss=False)
 
 
