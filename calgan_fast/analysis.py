@@ -241,7 +241,8 @@ def _save_fig(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _figure_tsne(path: Path, xy: np.ndarray, expert: np.ndarray, num_experts: int, title: str) -> None:
+def _figure_tsne(path: Path, xy: np.ndarray, expert: np.ndarray, num_experts: int, title: str) -> dict:
+    """Draws the t-SNE; returns ``{expert: "#rrggbb"}``, the colour each expert's points were drawn in."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,9 +252,13 @@ def _figure_tsne(path: Path, xy: np.ndarray, expert: np.ndarray, num_experts: in
 
     pal = palette(num_experts) / 255.0
     fig, ax = plt.subplots(figsize=(5, 5))
+    from matplotlib.colors import to_hex
+
+    colours = {}
     for i in np.unique(expert):
         m = expert == i
-        ax.scatter(xy[m, 0], xy[m, 1], s=4, color=pal[i], label=f"expert {i}")
+        pts = ax.scatter(xy[m, 0], xy[m, 1], s=4, color=pal[i], label=f"expert {i}")
+        colours[str(int(i))] = to_hex(pts.get_facecolor()[0])
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -261,6 +266,7 @@ def _figure_tsne(path: Path, xy: np.ndarray, expert: np.ndarray, num_experts: in
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)
+    return colours
 
 
 def _overlay(img: np.ndarray, expert: np.ndarray, num_experts: int) -> np.ndarray:
@@ -355,11 +361,12 @@ def analyze_images(net_d, images, out_dir, sr_dir=None, max_side: int | None = 5
         k = min(tsne_points, y.shape[0])
         idx = np.sort(rng.choice(y.shape[0], size=k, replace=False))
         xy = tsne_embedding(y[idx], seed)
-        _figure_tsne(out / f"{path.stem}_tsne.png", xy, e_flat[idx], n,
-                     f"{path.name}: t-SNE of y, {k} feature pixels")
+        colours = _figure_tsne(out / f"{path.stem}_tsne.png", xy, e_flat[idx], n,
+                               f"{path.name}: t-SNE of y, {k} feature pixels")
         rows = "".join(f"{a:.5f},{b:.5f},{int(c)}\n" for (a, b), c in zip(xy, e_flat[idx]))
         _write_text(out / f"{path.stem}_tsne.csv", "x,y,expert\n" + rows)
-        entry["tsne"] = {"points": int(k), "experts": sorted(int(i) for i in np.unique(e_flat[idx]))}
+        entry["tsne"] = {"points": int(k), "experts": sorted(int(i) for i in np.unique(e_flat[idx])),
+                         "colours": colours}
         report["images"][path.name] = entry
     report["hr"] = routing_quality(torch.cat(pooled_e), n, torch.cat(pooled_c))
     if pooled_sr_e:
