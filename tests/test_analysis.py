@@ -80,12 +80,17 @@ def _trained_d(images: torch.Tensor, steps: int = 30) -> CALGANDiscriminator:
     d = CALGANDiscriminator(num_feat=8, num_experts=4)
     opt = torch.optim.Adam(d.parameters(), lr=2e-3)
     blur = torch.nn.functional.avg_pool2d
-    for _ in range(steps):
-        fake = torch.nn.functional.interpolate(blur(images, 4), scale_factor=4, mode="bilinear")
-        loss = discriminator_loss(d, images, fake)["total"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only add contention
+    try:
+        for _ in range(steps):
+            fake = torch.nn.functional.interpolate(blur(images, 4), scale_factor=4, mode="bilinear")
+            loss = discriminator_loss(d, images, fake)["total"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return d
 
 
