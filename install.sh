@@ -17,5 +17,5 @@ PIP=("$VENV/bin/python" -m pip)
 # No build isolation: the extension must be built against the torch installed above, and BasicSR
 # (the optional trainer integration the tests exercise) builds from source and lists torch and
 # cython as build requirements, which build isolation would download into a throwaway environment.
-"${PIP[@]}" install -q --no-build-isolation -e ".[dev,triton,basicsr]"
+"${PIP[@]}" install -q --no-build-isolation -e ".[dev,triton,basicsr,metrics,analysis]"
 "$VENV/bin/python" -m calgan_fast.info

@@ -1,4 +1,4 @@
-"""The ``calgan`` command line: ``train``, ``eval``, ``upscale`` and ``prepare``.
+"""The ``calgan`` command line: ``train``, ``eval``, ``analyze``, ``plots``, ``upscale`` and ``prepare``.
 
 Errors the user can fix (a missing folder, a corrupt image, a config typo, a checkpoint of the
 wrong architecture, an output that would be overwritten) end the command with one line,
@@ -55,35 +55,21 @@ def _load_model(args):
 
 
 def _cmd_eval(args) -> int:
-    from .train.evaluate import (
-        evaluate_folders,
-        evaluate_model,
-        learned_metrics,
-        markdown_table,
-        write_results,
-    )
+    from .train.evaluate import cmd_eval
 
-    if args.sr and (args.model or args.lr):
-        raise ValueError("give either --sr DIR or --model CKPT --lr DIR, not both")
-    if not args.sr and not (args.model and args.lr):
-        raise ValueError("give --sr DIR, or --model CKPT with --lr DIR")
-    learned, fid_ext = {}, None
-    if not args.psnr_only:
-        notes: list[str] = []
-        learned, fid_ext = learned_metrics(args.vgg16, args.lpips_weights, args.dists_weights,
-                                           args.inception, notes)
-        for n in notes:
-            print(f"calgan: note: {n}", file=sys.stderr)
-    if args.sr:
-        res = evaluate_folders(args.sr, args.gt, args.scale, args.crop_border, not args.rgb, learned, fid_ext)
-    else:
-        model, device, scale = _load_model(args)
-        res = evaluate_model(model, args.lr, args.gt, scale, args.crop_border, not args.rgb,
-                             args.tile, device, learned, fid_ext)
-    print(markdown_table(res), end="")
-    if args.out:
-        paths = write_results(res, args.out, args.overwrite)
-        print("results: " + ", ".join(map(str, paths)))
+    return cmd_eval(args, _load_model)
+
+
+def _cmd_analyze(args) -> int:
+    from .analysis import cmd_analyze
+
+    return cmd_analyze(args)
+
+
+def _cmd_plots(args) -> int:
+    from .plots import plot_run
+
+    print(f"plot: {plot_run(args.run, args.output)}")
     return 0
 
 
@@ -153,21 +139,41 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--tile", type=int, default=None, help="LR tile size for large images")
         q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
-    e = sub.add_parser("eval", help="PSNR/SSIM of SR images (or of a model's outputs) against GT")
-    e.add_argument("--sr", help="folder of SR images")
-    e.add_argument("--gt", required=True, help="folder of ground-truth HR images")
-    e.add_argument("--lr", help="folder of LR images (with --model)")
+    e = sub.add_parser("eval", help="benchmark tables: a model (and bicubic) or SR folders on test sets")
+    e.add_argument("--sets", nargs="+", metavar="SET", help="test sets: names under --data-root "
+                   "(<root>/<set>/HR) or folders of HR images")
+    e.add_argument("--data-root", help="folder holding the test sets named by --sets")
+    e.add_argument("--gt", help="one folder of HR images (instead of --sets)")
+    e.add_argument("--lr", help="LR inputs for --gt (default: made from the HR images by MATLAB bicubic)")
+    e.add_argument("--sr", help="folder of SR images made elsewhere, compared with --gt")
     model_args(e, required=False)
+    e.add_argument("--metrics", nargs="+", metavar="M", help="psnr ssim lpips lpips-vgg dists brisque niqe fid "
+                   "(default: psnr ssim lpips dists brisque fid, leaving out those that cannot be built)")
+    e.add_argument("--no-bicubic", action="store_true", help="leave out the bicubic baseline column")
+    e.add_argument("--save-sr", help="folder for the model's SR images (one subfolder per set)")
     e.add_argument("--crop-border", type=int, default=None, help="border removed (default: the scale)")
-    e.add_argument("--rgb", action="store_true", help="measure on RGB instead of the Y channel")
-    e.add_argument("--psnr-only", action="store_true", help="skip LPIPS, DISTS and FID")
-    e.add_argument("--vgg16", help="torchvision VGG16 weights for LPIPS/DISTS (default: torch hub cache)")
-    e.add_argument("--lpips-weights", help="LPIPS linear layers (default: lpips_vgg_v0.1.pth in the hub cache)")
-    e.add_argument("--dists-weights", help="DISTS alpha/beta (default: dists_weights.pt in the hub cache)")
-    e.add_argument("--inception", help="Inception-v3 weights for FID (default: torchvision's, hub cache)")
-    e.add_argument("--out", help="folder for metrics.csv / .json / .md")
+    e.add_argument("--rgb", action="store_true", help="PSNR/SSIM on RGB instead of the Y channel")
+    e.add_argument("--psnr-only", action="store_true", help="only PSNR and SSIM (same as --metrics psnr ssim)")
+    e.add_argument("--out", help="folder for metrics.json, metrics_per_image.csv, metrics_per_set.csv, metrics.md")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=_cmd_eval)
+
+    a = sub.add_parser("analyze", help="routing maps, t-SNE of the routed features and routing quality of a D")
+    a.add_argument("--d", required=True, help="discriminator weights: a run checkpoint or a state dict")
+    a.add_argument("--images", required=True, nargs="+", help="HR images or folders")
+    a.add_argument("--sr", help="folder of SR images of the same names (routing maps of SR)")
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--max-side", type=int, default=512, help="centre crop of at most this side (default 512)")
+    a.add_argument("--tsne-points", type=int, default=2000, help="feature pixels sampled per image for t-SNE")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a.add_argument("--overwrite", action="store_true")
+    a.set_defaults(func=_cmd_analyze)
+
+    pl = sub.add_parser("plots", help="PNG of losses, D accuracy, expert usage and validation over a run")
+    pl.add_argument("run", help="run folder (holds train_log.jsonl)")
+    pl.add_argument("--output", help="PNG path (default <run>/training.png)")
+    pl.set_defaults(func=_cmd_plots)
 
     u = sub.add_parser("upscale", help="super-resolve an image or a folder of images")
     u.add_argument("input", help="image file or folder")

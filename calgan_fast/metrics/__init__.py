@@ -1,9 +1,7 @@
-"""Image-quality metrics: PSNR/SSIM (BasicSR conventions); LPIPS, DISTS and FID from local weights.
+"""Image-quality metrics: the library's PSNR/SSIM (BasicSR conventions) and pyiqa's learned and
+no-reference metrics (LPIPS, DISTS, BRISQUE, NIQE, FID; ``pip install calgan_fast[metrics]``)."""
 
-NIQE and BRISQUE are not provided: no installed dependency computes them offline.
-"""
-
-from .learned import DISTS, LPIPS, InceptionFeatures, fid, frechet_distance, hub_file
+from .iqa import DEFAULT_METRICS, IQA_METRICS, MetricWeightsError, build_metric
 from .psnr_ssim import psnr, rgb_to_y, ssim
 
-__all__ = ["DISTS", "LPIPS", "InceptionFeatures", "fid", "frechet_distance", "hub_file", "psnr", "rgb_to_y", "ssim"]
+__all__ = ["DEFAULT_METRICS", "IQA_METRICS", "MetricWeightsError", "build_metric", "psnr", "rgb_to_y", "ssim"]

@@ -7,7 +7,9 @@ Run folder layout (``--out``)::
     models/net_g_final.pth  {"params", "params_ema", "network_g", "scale"} for eval/upscale
     samples/              iter_XXXXXXX_sr.png (LR | SR | HR) and iter_XXXXXXX_routing.png
     train_log.jsonl       one line of losses per ``logger.print_freq`` iterations
-    metrics.json          validation PSNR/SSIM (Y, border ``scale``) of the EMA generator
+    metrics.json          validation PSNR/SSIM (Y, border ``scale``) of the EMA generator and, in
+                          phase 2, D's routing quality on the validation HR images (calgan_fast.analysis)
+    training.png          losses, D accuracy, expert usage and validation over iterations
     tb/                   TensorBoard scalars
 
 Reproducibility: the data stream is a function of (seed, position) and every random state is
@@ -621,6 +623,10 @@ class Trainer:
         self._say(f"validation, iteration {self.it} (phase {1 if self.it <= self.cfg['train']['pretrain_iter'] else 2}, "
                   f"EMA generator, {n} image{'s' * (n > 1)}): PSNR-{chan} {res['psnr']:.2f} dB, "
                   f"SSIM {res['ssim']:.4f}; bicubic: {res['bicubic_psnr']:.2f} dB, {res['bicubic_ssim']:.4f}")
+        if self.it > self.cfg["train"]["pretrain_iter"] and self.d_routed:  # D is trained: its routing
+            from ..analysis import routing_quality_of_images
+
+            res["routing"] = routing_quality_of_images(self.net_d, [self.val_set[i]["gt"] for i in range(n)])
         path = self.out / "metrics.json"
         hist = json.loads(path.read_text()) if path.exists() else {"history": []}
         hist["history"] = [h for h in hist["history"] if h["iter"] < self.it] + [res]
@@ -634,7 +640,20 @@ class Trainer:
             self.tb.add_scalar("val/psnr", res["psnr"], self.it)
             self.tb.add_scalar("val/ssim", res["ssim"], self.it)
             self.tb.add_scalar("val/bicubic_psnr", res["bicubic_psnr"], self.it)
+            for k in ("usage_entropy", "experts_alive", "nmi_content"):
+                if "routing" in res:
+                    self.tb.add_scalar(f"val_routing/{k}", res["routing"][k], self.it)
         return res
+
+    def _plot(self) -> None:
+        if not self.is_main:
+            return
+        try:
+            from ..plots import plot_run
+
+            plot_run(self.out)
+        except ImportError as exc:
+            warnings.warn(f"no training plot: {exc} (pip install matplotlib)", stacklevel=2)
 
     def save_final(self) -> Path:
         path = self.out / "models" / "net_g_final.pth"
@@ -714,6 +733,7 @@ class Trainer:
         self._bar = None
         if self.it == self.total:
             self.save_final()
+            self._plot()
         if self.tb is not None:
             self.tb.flush()
         return last
