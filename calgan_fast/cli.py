@@ -44,6 +44,7 @@ def _load_model(args):
         for o in opts:
             k, _, v = o.partition("=")
             spec[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else float(v)
+        spec.setdefault("scale", args.scale)
     model, _, scale = load_generator(args.model, spec)
     device = args.device
     if device == "auto":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -130,7 +131,9 @@ def resolve_generator(name: str, kwargs: Mapping) -> tuple[Callable[..., nn.Modu
 def build_generator(name: str, **kwargs) -> nn.Module:
     """Builds the generator registered as ``name`` with ``kwargs`` (errors as :func:`resolve_generator`)."""
     ctor, kwargs = resolve_generator(name, kwargs)
-    return ctor(**kwargs)
+    with warnings.catch_warnings():  # spandrel's SwinIR-family constructors call meshgrid without indexing
+        warnings.filterwarnings("ignore", message="torch.meshgrid")
+        return ctor(**kwargs)
 
 
 def extract_state_dict(ckpt: Mapping, param_key: str | None = None) -> dict[str, torch.Tensor]:
@@ -228,7 +231,9 @@ def load_generator(path: str | os.PathLike, network_g: Mapping | None = None,
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path}: checkpoint holds a {type(sd).__name__}, not a state_dict")
     try:
-        model, spec, scale = detect(sd, str(path))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.meshgrid")
+            model, spec, scale = detect(sd, str(path))
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
     return model.eval(), spec, scale
