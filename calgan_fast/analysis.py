@@ -229,15 +229,15 @@ def _figure_maps(path: Path, panels: list, legend_experts: list[int], num_expert
         ax.axis("off")
     handles = [Patch(color=pal[i], label=f"expert {i}") for i in legend_experts]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     _save_fig(fig, path)
     plt.close(fig)
 
 
-def _save_fig(fig, path: Path) -> None:
+def _save_fig(fig, path: Path, dpi: int = 80) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
 
 
@@ -352,7 +352,7 @@ def analyze_images(net_d, images, out_dir, sr_dir=None, max_side: int | None = 5
             sr_img = xs.permute(1, 2, 0).numpy()
             score = torch.sigmoid(under_hr.logits[0, 0]).cpu().numpy()
             panels += [("SR", sr_img), ("SR, own routing", _overlay(sr_img, e_sr.numpy(), n)),
-                       ("D(SR) under HR routing", np.kron(score, np.ones((4, 4))))]
+                       ("D(SR) under HR routing (dark: fake)", np.kron(score, np.ones((4, 4))))]
             used |= set(e_sr.unique().tolist())
         _figure_maps(out / f"{path.stem}_routing.png", panels, sorted(used), n)
         # t-SNE of y over sampled feature pixels.
