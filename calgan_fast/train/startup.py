@@ -9,7 +9,6 @@ folder before these checks pass.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["check_files", "chance_window", "estimate_step_memory", "memory_warning", "describe_changes"]
+__all__ = ["LazyWriter", "check_files", "chance_window", "describe_changes", "estimate_step_memory",
+           "memory_warning", "select_subset"]
 
 
 def _where(origin: Mapping[str, str] | None, key: str) -> str:
@@ -155,13 +155,6 @@ def describe_changes(cfg: Mapping, base: str) -> list[str]:
 
     return [f"{k}: {a!r} -> {b!r}" for k, a, b in changed_keys(cfg, base_config(base))]
 
-
-def warn(message: str) -> None:
-    warnings.warn(message, stacklevel=2)
-
-
-def cwd_relative(path: str | os.PathLike) -> str:
-    return os.path.relpath(path)
 
 
 def select_subset(dataset, spec: Mapping, split: str = "train"):
