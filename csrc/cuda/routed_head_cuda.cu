@@ -94,8 +94,13 @@ __global__ void __launch_bounds__(kScanThreads) _routing_scan_kernel(
   const int64_t per = (len + kScanThreads - 1) / kScanThreads;
   const int64_t i0 = tid * per < len ? tid * per : len;
   const int64_t i1 = i0 + per < len ? i0 + per : len;
+  // Element i of the order is (e, b) = (i / n_blocks, i % n_blocks): stepped, not divided, per element.
+  const int64_t e0 = n_blocks > 0 ? i0 / n_blocks : 0, b0 = n_blocks > 0 ? i0 % n_blocks : 0;
   int64_t own = 0;
-  for (int64_t i = i0; i < i1; ++i) own += hist[(i % n_blocks) * n_exp + i / n_blocks];
+  for (int64_t i = i0, e = e0, b = b0; i < i1; ++i) {
+    own += hist[b * n_exp + e];
+    if (++b == n_blocks) b = 0, ++e;
+  }
   part[tid] = own;
   __syncthreads();
   for (int d = 1; d < kScanThreads; d <<= 1) {  // inclusive Hillis-Steele scan of the runs
@@ -105,11 +110,11 @@ __global__ void __launch_bounds__(kScanThreads) _routing_scan_kernel(
     __syncthreads();
   }
   int64_t run = part[tid] - own;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t b = i % n_blocks, e = i / n_blocks;
+  for (int64_t i = i0, e = e0, b = b0; i < i1; ++i) {
     if (b == 0) offsets[e] = run;
     base[b * n_exp + e] = run;
     run += hist[b * n_exp + e];
+    if (++b == n_blocks) b = 0, ++e;
   }
   const int64_t total = part[kScanThreads - 1];
   if (n_blocks == 0) {
