@@ -180,8 +180,9 @@ def cuda_report(archs) -> str:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return "CUDA kernels: nvcc not found\n"
-    from torch.utils.cpp_extension import include_paths
     import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
 
     inc = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}"]
     lines = ["", "CUDA kernels (nvcc, ptxas -v)", "", "| arch | kernel | regs | spill B | smem B |",

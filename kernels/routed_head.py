@@ -17,7 +17,8 @@ run, hence deterministic, and stable (no E[y^2] - E[y]^2).
 
 Backward (y and z recomputed, not saved):
 - ``_routed_head_bwd_dy_kernel``, per tile: recompute h, then ``dh = glogit * w2_e * lrelu'(h)``;
-  per tile partials of dW1 (``dh^T y``), db1, dw2 (``glogit z``), db2; for each channel block
+  stores ``dh`` (fp32, perm order) and per tile partials of db1, dw2 (``glogit z``), db2; for each
+  channel block
   recompute u, y and ``dy = dh @ W1_e + gmean_e / n_e + gvar_e * 2 / (n_e c) * (y - mean_e)``,
   ``dgate += sum_c dy * u``, and store ``du = g * dy`` to a scratch in perm order. When one block
   spans all c channels (``SINGLE``), the u computed for h is kept instead of recomputed.
@@ -26,6 +27,11 @@ Backward (y and z recomputed, not saved):
 - ``_routed_head_bwd_dproj_kernel``, per (row slab, channel block pair): partial
   ``dO_e = du_slab^T @ x_slab``; slabs of one expert are summed in slab order by
   ``segment_sum`` (deterministic), which also reduces the classifier partials.
+- ``_routed_head_bwd_dw1_kernel``, per (row slab, channel block): partial
+  ``D_e = dh_slab^T (g x)_slab`` from the fp32 dh; after the slab sum ``dW1_e = D_e O_e^T`` (a
+  batched matmul of N small matrices), so dW1 takes tens of partials, not one per tile.
+- Merges over the tiles or slabs of an expert run in two levels when there are many: groups of
+  ``merge_group()`` consecutive ones, then the groups of each expert, in a fixed order.
 
 Tensors (T_max = cdiv(M, BLOCK_M) + N tiles, S_max = cdiv(M, SLAB_M) + N slabs; "dt" is the input
 dtype, "acc" is fp32, or fp64 for fp64 inputs):
@@ -39,7 +45,9 @@ dtype, "acc" is fp32, or fp64 for fp64 inputs):
     mean     (N, c), var (N,) acc
     glogits  (M,) dt;  gmean (N, c), gvar (N,) acc
     du       (M, c)          dt    scratch, perm order
-    cls_part (T_max, hdim*c + 2*hdim + 1) acc   per-tile [dW1 | db1 | dw2 | db2]
+    dh       (M, hdim)       acc   scratch, perm order
+    cls_part (T_max, 2*hdim + 1) acc   per-tile [db1 | dw2 | db2]
+    d_part   (S_max, hdim*c) acc   per-slab dh^T (g x)
     proj_part(S_max, c*c)    acc   per-slab dO
     dx (M, c) dt contiguous; dgate (M,) dt; dproj, dw1, db1, dw2, db2 like their weights
 """
@@ -53,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ._config import INTERPRET, next_pow2
-from .routing import merge_group, routing_metadata, segment_groups, segment_maps, segment_sum
+from .routing import routing_metadata, segment_groups, segment_maps, segment_sum
 
 LRELU_SLOPE = 0.2
 
