@@ -12,8 +12,8 @@
 # OUTDIR receives:
 #   info.txt           python -m calgan_fast.info (versions, GPU, backends)
 #   install.log        the build of the package and its extension
-#   tests.log/.xml     pytest -m "gpu or cuda" tests
-#   head_quick.json/.md  forward+backward at the headline shape, every backend vs matmul
+#   head_quick.json/.md  forward+backward at the headline shape, every backend vs matmul (first)
+#   test_*.log/.xml    pytest -m "gpu or cuda", one stage per test file
 #   bench_head.json/.md  the full head benchmark (benchmarks/bench_head.py) and its report
 #   bench_dstep.json/.md the discriminator step, B=24 at 256x256, against the compat module
 #   summary.md         the stages, their status and time
@@ -65,12 +65,14 @@ STATUS=0
 
 left() { echo $((BUDGET - (SECONDS - START))); }
 
-# stage NAME RESERVE_S CMD...: run CMD with a timeout of the budget left minus RESERVE_S.
+# stage NAME RESERVE_S CMD...: run CMD with a timeout of the budget left minus RESERVE_S (at most
+# STAGE_CAP seconds where that is set), and append its row to the summary as soon as it ends.
 stage() {
     local name=$1 reserve=$2
     shift 2
     local t0=$SECONDS limit rc
     limit=$(( $(left) - reserve ))
+    if [[ -n ${STAGE_CAP:-} ]] && (( limit > STAGE_CAP )); then limit=$STAGE_CAP; fi
     if (( limit < 10 )); then
         echo "| $name | skipped: out of time | 0 |" >> "$SUMMARY"
         echo "gpu_check: $name skipped (out of time)" >&2
@@ -103,22 +105,31 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 stage info 290 "$PY" -m calgan_fast.info > "$OUT/info.txt" 2>&1
 cat "$OUT/info.txt"
 
-# 3. GPU and CUDA tests.
-stage tests 200 "$PY" -m pytest -q -m "gpu or cuda" tests -p no:cacheprovider \
-    --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
-tail -n 25 "$OUT/tests.log"
-
-# 4. The headline shape (M=65536, c=256, N=12, bf16, forward+backward) for every backend, the
-#    reference and a plain matmul, timed in one process.
-stage head_quick 140 "$PY" benchmarks/head_quick.py --json "$OUT/head_quick.json" \
+# 3. The headline first: the head (M=65536, c=256, N=12, bf16, forward+backward) for every backend,
+#    the reference and a plain matmul, timed in one process.
+stage head_quick 280 "$PY" benchmarks/head_quick.py --json "$OUT/head_quick.json" \
     > "$OUT/head_quick.md" 2> "$OUT/head_quick.log"
 cat "$OUT/head_quick.md"
+
+# 4. GPU and CUDA tests, one stage per file: a fault (an illegal address kills the CUDA context)
+#    in one file cannot take the others. SIGINT on time-out lets pytest write its report; -rA
+#    lists every test's outcome in the log, and the summary gets one row per file as it ends.
+#    The large-shape check (M=200k, c=512, N=16, bf16 and fp16, triton and cuda against torch)
+#    is tests/test_gpu_large.py.
+for f in tests/test_gpu_large.py tests/test_triton.py tests/test_cuda_backend.py \
+        $(grep -l -E "mark\.(gpu|cuda)" tests/test_*.py | grep -v -E "test_(gpu_large|triton|cuda_backend)\.py"); do
+    [[ -f $f ]] || continue
+    name=$(basename "$f" .py)
+    STAGE_CAP=150 TIMEOUT_SIGNAL=INT stage "$name" 150 "$PY" -m pytest -q -rA -m "gpu or cuda" "$f" -p no:cacheprovider \
+        --junitxml="$OUT/$name.xml" > "$OUT/$name.log" 2>&1
+    tail -n 3 "$OUT/$name.log"
+done
 
 # 5. The full head benchmark (DESIGN section 7 shapes) and its Markdown report.
 if [[ -f benchmarks/bench_head.py ]]; then
     export CALGAN_BENCH_DEVICE=cuda
     # SIGINT on time-out: pytest then ends the session and pytest-benchmark still writes the JSON.
-    TIMEOUT_SIGNAL=INT stage bench_head 90 "$PY" -m pytest -q benchmarks/bench_head.py \
+    TIMEOUT_SIGNAL=INT stage bench_head 60 "$PY" -m pytest -q benchmarks/bench_head.py \
         -p no:cacheprovider --benchmark-json="$OUT/bench_head.json" > "$OUT/bench_head.log" 2>&1
     tail -n 5 "$OUT/bench_head.log"
     if [[ -s "$OUT/bench_head.json" ]]; then

@@ -56,11 +56,11 @@ def _types(dtype: str) -> dict:
              "seg_off_ptr": "*i64", "off_a_ptr": "*i64", "off_b_ptr": "*i64", "tile_off_ptr": "*i64",
              "blk_count_ptr": "*i32", "blk_base_ptr": "*i32"}
     for nm in ("tile_sum", "tile_m2", "gmean", "gvar", "mean", "var", "cls_part", "proj_part", "part", "out",
-               "dh"):
+               "dh", "g_sum", "g_m2", "d_part"):
         types[nm + "_ptr"] = "*fp32"
     for nm in ("tile_expert", "tile_start", "tile_stop", "slab_expert", "slab_start", "slab_stop",
                "seg_expert", "seg_start", "seg_stop", "exp_a", "start_a", "stop_a", "exp_b", "start_b",
-               "stop_b"):
+               "stop_b", "grp_expert", "grp_start", "grp_stop", "g_start", "g_stop"):
         types[nm + "_ptr"] = "*i32"
     return types
 
@@ -71,7 +71,7 @@ def launches(k, m: int, c: int, n: int, dtype: str) -> list[Launch]:
     import triton
 
     rh, ro = k.routed_head, k.routing
-    from calgan_fast.kernels._config import HIST_BLOCK, next_pow2
+    from calgan_fast.kernels._config import HIST_BLOCK, ROWS_WARPS, next_pow2
 
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     h = max(1, c // 8)
@@ -83,55 +83,71 @@ def launches(k, m: int, c: int, n: int, dtype: str) -> list[Launch]:
     t = triton.cdiv(m, bm) + n  # tile bound (grid)
     tt = m / bm + n / 2  # tiles used, about
     s = triton.cdiv(m, cfg.slab_m) + n
-    gemm, head = cfg.gemm(), cfg.gemm(head=True)
+    gemm, head, dy = cfg.gemm(), cfg.gemm(head=True), cfg.gemm(head="dy")
     opts = {"num_warps": gemm.pop("num_warps"), "num_stages": gemm.pop("num_stages")}
-    del head["num_warps"], head["num_stages"]
-    head.update(SLOPE=rh.LRELU_SLOPE, BLOCK_H=cfg.block_h)
-    hn, bn, bk = cfg.head_n, cfg.block_n, cfg.block_k
-    nblk = triton.cdiv(c, hn)
-    single = c <= hn
+    for d in (head, dy):
+        del d["num_warps"], d["num_stages"]
+        d.update(SLOPE=rh.LRELU_SLOPE, BLOCK_H=cfg.block_h)
+    bn, bk = cfg.block_n, cfg.block_k
+    single = c <= cfg.dy_n
+    rows_opts = {"num_warps": ROWS_WARPS}
     lc = 2 * h + 1
     out = [
-        Launch("fwd", "routing_hist", ro._routing_hist_kernel, {"BLOCK": HIST_BLOCK(), "NP": np_}, {}, nb,
+        Launch("fwd", "routing_hist", ro._routing_hist_kernel, {"BLOCK": HIST_BLOCK(), "NP": np_}, rows_opts, nb,
                8 * m + 4 * nb * np_, 0),
         Launch("fwd", "routing_scan", ro._routing_scan_kernel,
-               {"SEG_BLOCK": ro._SEG_BLOCK, "CHUNK": ro._SCAN_CHUNK, "NP": np_}, {}, 1,
+               {"SEG_BLOCK": ro._SEG_BLOCK, "CHUNK": ro._scan_chunk(), "NP": np_}, {}, 1,
                8 * nb * np_ + 16 * t, 0),
-        Launch("fwd", "routing_scatter", ro._routing_scatter_kernel, {"BLOCK": HIST_BLOCK(), "NP": np_}, {},
+        Launch("fwd", "routing_scatter", ro._routing_scatter_kernel, {"BLOCK": HIST_BLOCK(), "NP": np_}, rows_opts,
                nb, 24 * m + 4 * nb * np_, 0),
-        # x re-read per channel block; O_e and W1_e once per tile; stats per tile.
+        # Bytes: what must cross DRAM at least (x and every scratch once per pass, the weights once:
+        # tiles re-read x blocks and the expert's weights from L2). FLOPs: including recomputation.
         Launch("fwd", "fwd", rh._routed_head_fwd_kernel, dict(head), opts, t,
-               tt * (nblk * bm * c * es + c * c * es + h * c * es + 4 * c) + m * (8 + 3 * es),
+               m * c * es + n * (c * c + h * c) * es + m * (8 + 3 * es) + 4 * tt * (c + 1),
                2 * m * c * c + 2 * m * c * h),
     ]
-    out += rh._report_merge_launches(k, m, c, n, cfg, "fwd")
+    grp = ro.merge_group()
+    gt = triton.cdiv(t, grp) + n
     out += [
-        Launch("bwd", "segment_maps", ro._segment_map_kernel, {"SEG_A": None, "BLOCK": ro._SEG_BLOCK, "NP": np_},
-               {}, triton.cdiv(t, ro._SEG_BLOCK) + triton.cdiv(s, ro._SEG_BLOCK), 16 * (t + s), 0),
-        # h (x read nblk times), then per block u again unless SINGLE; du and dh written once.
-        Launch("bwd", "dy", rh._routed_head_bwd_dy_kernel, dict(head, SINGLE=single), opts, t,
-               tt * ((1 if single else 2) * (nblk * bm * c * es + c * c * es) + 2 * h * c * es + 4 * lc)
-               + m * (c * es + 4 * h + 8 + 3 * es),
-               (1 if single else 2) * 2 * m * c * c + 2 * m * c * h * 2),
-        Launch("bwd", "dx", rh._routed_head_bwd_dx_kernel, dict(gemm), opts, t * triton.cdiv(c, bn),
-               tt * triton.cdiv(c, bn) * (bm * c * es + c * bn * es) + m * (c * es + 8), 2 * m * c * c),
-        Launch("bwd", "dproj", rh._routed_head_bwd_dproj_kernel, dict(gemm), opts,
-               s * triton.cdiv(c, bn) * triton.cdiv(c, bk),
-               m * c * es * (triton.cdiv(c, bk) + triton.cdiv(c, bn)) + 8 * m * triton.cdiv(c, bn) + 4 * s * c * c,
-               2 * m * c * c),
-        Launch("bwd", "dw1", rh._routed_head_bwd_dw1_kernel, dict(gemm, BLOCK_H=cfg.block_h), opts,
-               s * triton.cdiv(c, bk),
-               m * (4 * h + c * es + es + 8) * triton.cdiv(c, bk) + 4 * s * h * c, 2 * m * c * h),
+        Launch("fwd", "segment_map (groups)", ro._segment_map_kernel, {"BLOCK": ro._SEG_BLOCK, "NP": np_}, {},
+               triton.cdiv(gt, ro._SEG_BLOCK), 16 * gt, 0),
+        Launch("fwd", "stats_group", rh._stats_group_kernel, {"BLOCK_C": cfg.block_c}, {}, gt, 4 * tt * (c + 3), 0),
+        Launch("fwd", "expert_stats", rh._expert_stats_kernel, {"BLOCK_C": cfg.block_c}, {}, n, 4 * gt * (c + 3), 0),
     ]
-    out += rh._report_merge_launches(k, m, c, n, cfg, "bwd")
-    for ln in out:
-        if "SEG_A" in ln.consts:
-            del ln.consts["SEG_A"]
+    out += [
+        Launch("bwd", "segment_maps", ro._segment_map_kernel, {"BLOCK": ro._SEG_BLOCK, "NP": np_},
+               {}, triton.cdiv(t, ro._SEG_BLOCK) + triton.cdiv(s, ro._SEG_BLOCK), 16 * (t + s), 0),
+        # h, then u again per channel block unless SINGLE; du (dt) and dh (fp32) written once.
+        Launch("bwd", "dy", rh._routed_head_bwd_dy_kernel, dict(dy, SINGLE=single), opts, t,
+               m * c * es + n * (c * c + 2 * h * c) * es + m * (c * es + 4 * h + 8 + 3 * es) + 4 * tt * lc,
+               (1 if single else 2) * 2 * m * c * c + 2 * 2 * m * c * h),
+        Launch("bwd", "dx", rh._routed_head_bwd_dx_kernel, dict(gemm), opts, t * triton.cdiv(c, bn),
+               2 * m * c * es + n * c * c * es + 8 * m, 2 * m * c * c),
+        Launch("bwd", "dproj", rh._routed_head_bwd_dproj_kernel, dict(gemm), opts,
+               s * triton.cdiv(c, bn) * triton.cdiv(c, bk), 2 * m * c * es + 8 * m + 4 * s * c * c, 2 * m * c * c),
+        Launch("bwd", "dw1", rh._routed_head_bwd_dw1_kernel,
+               {a: v for a, v in dict(gemm, BLOCK_H=cfg.block_h).items() if a != "BLOCK_N"}, opts,
+               s * triton.cdiv(c, bk), m * (4 * h + c * es + es + 8) + 4 * s * h * c, 2 * m * c * h),
+    ]
+    for what, rows, length in (("dproj", s, c * c), ("dw1", s, h * c), ("cls", t, lc)):
+        block = min(1024, max(16, next_pow2(length)))
+        cols = triton.cdiv(length, block)
+        if rows > 2 * grp:
+            g_rows = triton.cdiv(rows, grp) + n
+            out.append(Launch("bwd", f"group_sum ({what})", ro._group_sum_kernel, {"BLOCK": block}, {},
+                              g_rows * cols, 4 * length * (rows + g_rows), 0))
+            rows = g_rows
+        out.append(Launch("bwd", f"segment_sum ({what})", ro._segment_sum_kernel, {"BLOCK": block}, {},
+                          n * cols, 4 * length * (rows + n), 0))
     return out
 
 
+_COMPILED: dict = {}
+
+
 def compile_launch(ln: Launch, dtype: str, arch: int) -> dict:
-    """Registers, spill bytes and shared memory of one kernel, from Triton's ptxas run."""
+    """Registers, spill bytes and shared memory of one kernel, from Triton's ptxas run (each
+    distinct kernel is compiled once: Triton's cache would skip ptxas and its report)."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -141,6 +157,10 @@ def compile_launch(ln: Launch, dtype: str, arch: int) -> dict:
     consts = {a: v for a, v in ln.consts.items() if a in ln.fn.arg_names}
     sig = {a: types.get(a, ("*" + dtype) if a.endswith("_ptr") else "i32")
            for a in ln.fn.arg_names if a not in consts}
+    key = (arch, ln.fn.__name__, tuple(sorted(consts.items())), tuple(sorted(ln.options.items())),
+           tuple(sig.items()))
+    if key in _COMPILED:
+        return _COMPILED[key]
     buf = io.StringIO()
     knobs.nvidia.dump_ptxas_log = True
     with contextlib.redirect_stdout(buf):
@@ -150,8 +170,9 @@ def compile_launch(ln: Launch, dtype: str, arch: int) -> dict:
     regs = re.findall(r"Used (\d+) registers", log)
     spill_st = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log))
     spill_ld = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", log))
-    return {"regs": int(regs[-1]) if regs else -1, "spill": spill_st + spill_ld,
-            "shared": compiled.metadata.shared, "warnings": re.findall(r"(C7\d{3})", log)}
+    _COMPILED[key] = {"regs": int(regs[-1]) if regs else -1, "spill": spill_st + spill_ld,
+                      "shared": compiled.metadata.shared, "warnings": re.findall(r"(C7\d{3})", log)}
+    return _COMPILED[key]
 
 
 def cuda_report(archs) -> str:
@@ -159,8 +180,9 @@ def cuda_report(archs) -> str:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return "CUDA kernels: nvcc not found\n"
-    from torch.utils.cpp_extension import include_paths
     import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
 
     inc = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}"]
     lines = ["", "CUDA kernels (nvcc, ptxas -v)", "", "| arch | kernel | regs | spill B | smem B |",
@@ -200,11 +222,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[12, 16])
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(ES))
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--kernels", nargs="+", help="only these kernels (names as printed)")
     ap.add_argument("--cuda", action="store_true", help="also report the CUDA kernels (nvcc)")
     ap.add_argument("--fail-on-spill", action="store_true")
     args = ap.parse_args(argv)
 
     os.environ["TRITON_INTERPRET"] = "0"
+    # A fresh cache: ptxas runs (and reports) for every kernel, none is taken from an earlier run.
+    cache_dir = tempfile.TemporaryDirectory(prefix="calgan-kernel-report-")
+    os.environ["TRITON_CACHE_DIR"] = cache_dir.name
     sys.path.insert(0, str(ROOT))
     from calgan_fast.ops import triton_impl
 
@@ -213,7 +239,6 @@ def main(argv=None) -> int:
         print("kernel_report: triton was imported for the interpreter; run in a fresh process", file=sys.stderr)
         return 2
     spills = []
-    cache: dict = {}
     print("| arch | dtype | c | N | op | kernel | regs | spill B | smem KiB | programs | MB moved | GFLOP | "
           "bound us |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -223,11 +248,9 @@ def main(argv=None) -> int:
                 for n in args.n:
                     total = {"fwd": [0, 0.0, 0, 0.0], "bwd": [0, 0.0, 0, 0.0]}
                     for ln in launches(k, args.m, c, n, dtype):
-                        key = (arch, dtype, ln.name, tuple(sorted(ln.consts.items())),
-                               tuple(sorted(ln.options.items())))
-                        if key not in cache:
-                            cache[key] = compile_launch(ln, dtype, arch)
-                        r = cache[key]
+                        if args.kernels and ln.name not in args.kernels:
+                            continue
+                        r = compile_launch(ln, dtype, arch)
                         bound = max(ln.bytes / HBM_BPS, ln.flops / PEAK[dtype]) * 1e6
                         tot = total[ln.op]
                         tot[0] += 1

@@ -25,6 +25,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+#: Warps of the row-block routing kernels (histogram, scatter): a (BLOCK, NP) one-hot and its
+#: cumsum over 1024 rows spill on sm_80 with 4 warps.
+ROWS_WARPS = 8
+
+
 def HIST_BLOCK() -> int:  # noqa: N802 - reads as the constant it stands for
     """Rows per program of the routing histogram / scatter."""
     return 32 if INTERPRET else 1024

@@ -17,7 +17,8 @@ run, hence deterministic, and stable (no E[y^2] - E[y]^2).
 
 Backward (y and z recomputed, not saved):
 - ``_routed_head_bwd_dy_kernel``, per tile: recompute h, then ``dh = glogit * w2_e * lrelu'(h)``;
-  per tile partials of dW1 (``dh^T y``), db1, dw2 (``glogit z``), db2; for each channel block
+  stores ``dh`` (fp32, perm order) and per tile partials of db1, dw2 (``glogit z``), db2; for each
+  channel block
   recompute u, y and ``dy = dh @ W1_e + gmean_e / n_e + gvar_e * 2 / (n_e c) * (y - mean_e)``,
   ``dgate += sum_c dy * u``, and store ``du = g * dy`` to a scratch in perm order. When one block
   spans all c channels (``SINGLE``), the u computed for h is kept instead of recomputed.
@@ -26,6 +27,11 @@ Backward (y and z recomputed, not saved):
 - ``_routed_head_bwd_dproj_kernel``, per (row slab, channel block pair): partial
   ``dO_e = du_slab^T @ x_slab``; slabs of one expert are summed in slab order by
   ``segment_sum`` (deterministic), which also reduces the classifier partials.
+- ``_routed_head_bwd_dw1_kernel``, per (row slab, channel block): partial
+  ``D_e = dh_slab^T (g x)_slab`` from the fp32 dh; after the slab sum ``dW1_e = D_e O_e^T`` (a
+  batched matmul of N small matrices), so dW1 takes tens of partials, not one per tile.
+- Merges over the tiles or slabs of an expert run in two levels when there are many: groups of
+  ``merge_group()`` consecutive ones, then the groups of each expert, in a fixed order.
 
 Tensors (T_max = cdiv(M, BLOCK_M) + N tiles, S_max = cdiv(M, SLAB_M) + N slabs; "dt" is the input
 dtype, "acc" is fp32, or fp64 for fp64 inputs):
@@ -39,7 +45,9 @@ dtype, "acc" is fp32, or fp64 for fp64 inputs):
     mean     (N, c), var (N,) acc
     glogits  (M,) dt;  gmean (N, c), gvar (N,) acc
     du       (M, c)          dt    scratch, perm order
-    cls_part (T_max, hdim*c + 2*hdim + 1) acc   per-tile [dW1 | db1 | dw2 | db2]
+    dh       (M, hdim)       acc   scratch, perm order
+    cls_part (T_max, 2*hdim + 1) acc   per-tile [db1 | dw2 | db2]
+    d_part   (S_max, hdim*c) acc   per-slab dh^T (g x)
     proj_part(S_max, c*c)    acc   per-slab dO
     dx (M, c) dt contiguous; dgate (M,) dt; dproj, dw1, db1, dw2, db2 like their weights
 """
@@ -53,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ._config import INTERPRET, next_pow2
-from .routing import merge_group, routing_metadata, segment_groups, segment_maps, segment_sum
+from .routing import routing_metadata, segment_groups, segment_maps, segment_sum
 
 LRELU_SLOPE = 0.2
 
@@ -421,7 +429,7 @@ class _Cfg:
         if INTERPRET:
             # Tiles smaller than the test shapes so that experts span several tiles and slabs.
             self.block_m = 16
-            self.head_n = self.head_k = self.block_n = self.block_k = 16
+            self.head_n = self.head_k = self.block_n = self.block_k = self.dy_n = 16
             self.slab_m = 32
             self.num_warps, self.num_stages = 1, 1
             self.prec, self.tf32_capable = "ieee", False  # the interpreter's dots are exact anyway
@@ -433,19 +441,25 @@ class _Cfg:
         # Fused head kernels (forward, dy): up to c = 256 a tile's whole row block of y (64 x 256
         # fp32) stays in registers, so x is read once per tile and the backward keeps u instead
         # of recomputing it; 32-wide k slices keep that free of register spills on sm_90.
-        self.head_n = cp if cp <= 256 else 128
+        # 128-wide channel blocks: a 64 x 256 fp32 block of y does not fit the registers next to h
+        # without spills on sm_80; the dy kernel, which also holds dh and dgate, takes 64.
+        self.head_n = min(128, cp)
         self.head_k = min(32, cp)
-        # Plain GEMMs (dx, dO): 64 x 128 x 64 tiles.
+        self.dy_n = min(64, cp)
+        # Plain GEMMs (dx, dO): 64 x 128 x 32 tiles (64-deep k slices spill 16 B in dx on sm_80).
         self.block_n = min(128, cp)
-        self.block_k = min(64, cp)
+        self.block_k = min(32, cp)
         if dtype == torch.float32:
-            # Exact fp32 dots run on FMA units and hold their operands in registers: smaller tiles.
+            # Exact fp32 dots run on FMA units and hold their operands in registers: smaller tiles
+            # (32-row tiles and 16-deep k slices keep them free of spills on sm_80 and sm_90).
+            self.block_m = 32
             self.head_n = self.block_n = min(64, cp)
-            self.head_k = self.block_k = min(32, cp)
+            self.dy_n = min(32, cp)
+            self.head_k = self.block_k = min(16, cp)
             self.num_warps = 8
         if dtype == torch.float64:
             # fp64 tiles are 4x the bytes of bf16 ones: smaller tiles, fewer stages.
-            self.head_n = self.block_n = min(64, cp)
+            self.head_n = self.dy_n = self.block_n = min(64, cp)
             self.head_k = self.block_k = min(32, cp)
             self.num_warps, self.num_stages = 4, 2
         # With fp16/bf16 inputs every dot has fp16/bf16 operands, for which this is ignored;
@@ -460,12 +474,13 @@ class _Cfg:
         slabs = max(1, (4 * sms) // blocks)
         self.slab_m = max(self.block_m, triton.cdiv(triton.cdiv(m, slabs), self.block_m) * self.block_m)
 
-    def gemm(self, head: bool = False):
-        """Launch keywords of the fused head kernels (``head``) or of the plain GEMM kernels."""
+    def gemm(self, head: bool | str = False):
+        """Launch keywords of the fused forward (``head=True``), of the dy kernel (``head="dy"``) or
+        of the plain GEMM kernels."""
         # fp32 dots follow torch.backends.cuda.matmul.allow_tf32 (off by default: exact fp32).
         prec = "tf32" if (self.tf32_capable and torch.backends.cuda.matmul.allow_tf32) else self.prec
         return {"ACC": self.tl_acc, "PREC": prec, "BLOCK_M": self.block_m,
-                "BLOCK_N": self.head_n if head else self.block_n,
+                "BLOCK_N": self.dy_n if head == "dy" else (self.head_n if head else self.block_n),
                 "BLOCK_K": self.head_k if head else self.block_k,
                 "num_warps": self.num_warps, "num_stages": self.num_stages}
 
@@ -543,7 +558,7 @@ def routed_head_bwd(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2, mean, p
         x, x.stride(0), x.stride(1), perm, gate, proj, w1, b1, w2,
         glogits, gmean, gvar, mean, offsets, tile_expert, tile_start, tile_stop,
         du, dh, dgate, cls_part, c, hdim, lc,
-        SLOPE=LRELU_SLOPE, SINGLE=c <= cfg.head_n, BLOCK_H=cfg.block_h, **cfg.gemm(head=True),
+        SLOPE=LRELU_SLOPE, SINGLE=c <= cfg.dy_n, BLOCK_H=cfg.block_h, **cfg.gemm(head="dy"),
     )
     dx = torch.empty(m, c, dtype=x.dtype, device=dev)
     _routed_head_bwd_dx_kernel[(t_max, triton.cdiv(c, cfg.block_n))](

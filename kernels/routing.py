@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import HIST_BLOCK, INTERPRET, next_pow2
+from ._config import HIST_BLOCK, INTERPRET, ROWS_WARPS, next_pow2
 
 
 @triton.jit
@@ -221,11 +221,13 @@ def routing_metadata(expert: torch.Tensor, num_experts: int, seg_m: int | None =
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=dev)
     perm = torch.empty(m, dtype=torch.int64, device=dev)
     smap = _new_map(m, num_experts, seg_m or m, dev)
-    _routing_hist_kernel[(nb,)](expert, blk_count, m, num_experts, BLOCK=block, NP=np_)
+    _routing_hist_kernel[(nb,)](expert, blk_count, m, num_experts, BLOCK=block, NP=np_,
+                                num_warps=ROWS_WARPS)
     _routing_scan_kernel[(1,)](blk_count, blk_base, count, offsets, nb, num_experts,
                                *smap, smap[1].shape[0] if seg_m else 0, seg_m or m,
                                SEG_BLOCK=_SEG_BLOCK, CHUNK=_scan_chunk(), NP=np_)
-    _routing_scatter_kernel[(nb,)](expert, blk_base, offsets, perm, m, num_experts, BLOCK=block, NP=np_)
+    _routing_scatter_kernel[(nb,)](expert, blk_base, offsets, perm, m, num_experts, BLOCK=block, NP=np_,
+                                   num_warps=ROWS_WARPS)
     if seg_m:
         return count, offsets, perm, smap
     return count, offsets, perm

@@ -94,8 +94,13 @@ __global__ void __launch_bounds__(kScanThreads) _routing_scan_kernel(
   const int64_t per = (len + kScanThreads - 1) / kScanThreads;
   const int64_t i0 = tid * per < len ? tid * per : len;
   const int64_t i1 = i0 + per < len ? i0 + per : len;
+  // Element i of the order is (e, b) = (i / n_blocks, i % n_blocks): stepped, not divided, per element.
+  const int64_t e0 = n_blocks > 0 ? i0 / n_blocks : 0, b0 = n_blocks > 0 ? i0 % n_blocks : 0;
   int64_t own = 0;
-  for (int64_t i = i0; i < i1; ++i) own += hist[(i % n_blocks) * n_exp + i / n_blocks];
+  for (int64_t i = i0, e = e0, b = b0; i < i1; ++i) {
+    own += hist[b * n_exp + e];
+    if (++b == n_blocks) b = 0, ++e;
+  }
   part[tid] = own;
   __syncthreads();
   for (int d = 1; d < kScanThreads; d <<= 1) {  // inclusive Hillis-Steele scan of the runs
@@ -105,11 +110,11 @@ __global__ void __launch_bounds__(kScanThreads) _routing_scan_kernel(
     __syncthreads();
   }
   int64_t run = part[tid] - own;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t b = i % n_blocks, e = i / n_blocks;
+  for (int64_t i = i0, e = e0, b = b0; i < i1; ++i) {
     if (b == 0) offsets[e] = run;
     base[b * n_exp + e] = run;
     run += hist[b * n_exp + e];
+    if (++b == n_blocks) b = 0, ++e;
   }
   const int64_t total = part[kScanThreads - 1];
   if (n_blocks == 0) {
@@ -153,6 +158,10 @@ __device__ __forceinline__ float to_f(T v) {
   return static_cast<float>(v);
 }
 
+// Row stride of the staged W1 chunk in shared memory: odd, so that threads reading rows j, j + 1, ...
+// at one column hit different banks.
+constexpr int64_t kW1Ld = kBN + 1;
+
 // Row stride of the tile's hidden activations in shared memory: odd, so that the threads of a warp,
 // one row each, read 32 different banks in the classifier epilogue.
 __host__ __device__ __forceinline__ int64_t hs_stride(int64_t hdim) { return hdim | 1; }
@@ -186,10 +195,11 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
   __shared__ float gs[kBM];
   __shared__ int64_t rows[kBM];
   __shared__ float red[kThreads];
-  extern __shared__ float dyn[];  // hs[kBM * hs_ld], w2s[hdim]
+  extern __shared__ float dyn[];  // hs[kBM * hs_ld], w2s[hdim], w1s[hdim * kW1Ld]
   const int64_t hs_ld = hs_stride(hdim);
   float* hs = dyn;
   float* w2s = dyn + kBM * hs_ld;
+  float* w1s = w2s + hdim;  // the chunk's columns of W1_e, staged by coalesced loads
 
   const int64_t t = blockIdx.x;
   const int64_t e = tile_e[t];
@@ -276,9 +286,13 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
     }
     __syncthreads();
     // ---- epilogue of the chunk: gate, tile statistics, contribution to h
-    for (int i = tid; i < kBM * kBN; i += kThreads) Ys[i / kBN][i % kBN] *= gs[i / kBN];
-    __syncthreads();
     const int64_t ncol = c - col0 < kBN ? c - col0 : kBN;
+    for (int i = tid; i < kBM * kBN; i += kThreads) Ys[i / kBN][i % kBN] *= gs[i / kBN];
+    for (int64_t i = tid; i < hdim * kBN; i += kThreads) {
+      const int64_t j = i / kBN, q = i % kBN;
+      w1s[j * kW1Ld + q] = q < ncol ? to_f(W1e[j * c + col0 + q]) : 0.f;
+    }
+    __syncthreads();
     if (tid < ncol) {
       float s = 0.f;
       for (int r = 0; r < nt; ++r) s += Ys[r][tid];
@@ -293,9 +307,9 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
     }
     for (int64_t i = tid; i < nt * hdim; i += kThreads) {
       const int64_t r = i / hdim, j = i % hdim;
-      const scalar_t* wrow = W1e + j * c + col0;
+      const float* wrow = w1s + j * kW1Ld;
       float s = 0.f;
-      for (int64_t q = 0; q < ncol; ++q) s += Ys[r][q] * to_f(wrow[q]);
+      for (int64_t q = 0; q < ncol; ++q) s += Ys[r][q] * wrow[q];
       hs[r * hs_ld + j] += s;
     }
     __syncthreads();
@@ -432,7 +446,7 @@ std::vector<Tensor> routed_head_fwd_cuda(const Tensor& x, const Tensor& expert, 
   Tensor mean = at::empty({n_exp, c}, fopts), var = at::empty({n_exp}, fopts);
   const Tensor G = gate.contiguous(), O = proj.contiguous(), W1 = w1.contiguous(), B1 = b1.contiguous();
   const Tensor W2 = w2.contiguous(), B2 = b2.contiguous();
-  const size_t dyn = sizeof(float) * static_cast<size_t>(kBM * hs_stride(hdim) + hdim);
+  const size_t dyn = sizeof(float) * static_cast<size_t>(kBM * hs_stride(hdim) + hdim + hdim * kW1Ld);
   auto launch = [&](auto tag) {
     {
       using scalar_t = decltype(tag);
