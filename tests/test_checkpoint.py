@@ -25,11 +25,38 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_log(photos, tmp_path_factory):
-    """The log of an uninterrupted run: what every resumed run below must reproduce."""
+def full_run(photos, tmp_path_factory):
+    """An uninterrupted run: what every resumed run below must reproduce."""
     run = tmp_path_factory.mktemp("full") / "run"
     train(_tiny(photos), run, progress=False)
-    return _log(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def full_log(full_run):
+    return _log(full_run)
+
+
+def _assert_same_final_state(run: Path, full_run: Path) -> None:
+    """The last checkpoints hold the same weights, optimiser and scheduler states, accuracy
+    window and random states."""
+    a = torch.load(run / "checkpoints" / "iter_0000006.pth", weights_only=True)
+    b = torch.load(full_run / "checkpoints" / "iter_0000006.pth", weights_only=True)
+    def same(x, y, where):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert isinstance(y, dict) and x.keys() == y.keys(), where
+            for k in x:
+                same(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, (list, tuple)):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, where
+
+    same(a, b, "checkpoint")
 
 
 def _names(folder: Path) -> list[str]:
@@ -51,7 +78,7 @@ def test_foreign_files_are_neither_read_nor_deleted(photos, full_log, tmp_path):
                           "iter_0000100.pth.bak", "old_iter_0000001.pth"]
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(photos, full_log, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(photos, full_log, full_run, tmp_path):
     run = tmp_path / "run"
     train(_tiny(photos), run, stop_after=4, progress=False)
     newest = run / "checkpoints" / "iter_0000004.pth"
@@ -60,6 +87,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(photos, full_l
     with pytest.warns(UserWarning, match=r"iter_0000004\.pth: cannot read checkpoint.*iter_0000002\.pth"):
         train(_tiny(photos), run, resume=True, progress=False)
     assert _log(run) == full_log
+    _assert_same_final_state(run, full_run)
 
 
 def _resume_error(cfg, run) -> str:
@@ -164,7 +192,7 @@ train(_tiny({photos!r}), {run!r}, resume=True, progress=False)
 """
 
 
-def test_killed_save_resumes_from_the_previous_checkpoint(photos, full_log, tmp_path):
+def test_killed_save_resumes_from_the_previous_checkpoint(photos, full_log, full_run, tmp_path):
     run = tmp_path / "run"
     train(_tiny(photos), run, stop_after=2, progress=False)
     code = _KILL_DURING_SAVE.format(repo=str(REPO), photos=str(photos), run=str(run))
@@ -179,3 +207,4 @@ def test_killed_save_resumes_from_the_previous_checkpoint(photos, full_log, tmp_
     assert not [w for w in caught if "checkpoint" in str(w.message)]  # the old file is whole
     assert _log(run) == full_log
     assert _names(ck) == ["iter_0000004.pth", "iter_0000006.pth"]  # the half-written file is gone
+    _assert_same_final_state(run, full_run)
