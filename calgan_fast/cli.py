@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train import ConfigError, RunFolderError
 
     try:
+        for opt in ("scale", "tile"):
+            value = getattr(args, opt, None)
+            if value is not None and value < 1:
+                raise ValueError(f"--{opt}: must be at least 1, got {value}")
         return args.func(args)
     except (ConfigError, ImageError, CheckpointError, RunFolderError, OSError, ValueError) as exc:
         msg = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())  # always one line

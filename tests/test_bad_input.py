@@ -74,8 +74,8 @@ def _case_resume_other_width(root, run):
 
 def _case_generator_only_checkpoint(root, run):
     torch.save({"params": RRDBNet(num_feat=4, num_block=1, num_grow_ch=4).state_dict()},
-               run / "checkpoints" / "iter_0000009.pth")
-    return ["train", "--resume", "--out", str(run)], {}, ["iter_0000009.pth", "'net_d'"]
+               run / "checkpoints" / "iter_0000003.pth")
+    return ["train", "--resume", "--out", str(run)], {}, ["iter_0000003.pth", "'net_d'"]
 
 
 def _case_random_bytes_checkpoint(root, run):

@@ -63,7 +63,7 @@ def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int = 0, test_y_channel:
     """SSIM of ``img`` against ``ref`` (both ``(H, W[, 3])`` in [0, 255]), in [-1, 1]."""
     a, b = _prepare(img, ref, crop_border, test_y_channel)
     if min(a.shape[:2]) < 11:
-        raise ValueError(f"img: SSIM needs at least 11x11 pixels after the crop, got {a.shape[:2]}")
+        raise ValueError(f"SSIM needs at least 11x11 pixels after the crop, got {a.shape[:2]}")
     if a.ndim == 2:
         return _ssim_2d(a, b)
     return float(np.mean([_ssim_2d(a[..., i], b[..., i]) for i in range(a.shape[2])]))

@@ -246,6 +246,8 @@ def evaluate(sets: Sequence[EvalSet], methods: Sequence[Method], suite: MetricSu
              progress: bool = False) -> dict:
     """Every method on every set. Returns ``{"protocol": {...}, "sets": {set: {method: result}}}``
     with ``result = {"images": [{"name", metric...}], "mean": {metric: value}}`` (FID in ``mean``)."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale: must be an integer >= 1, got {scale!r}")
     if not methods:
         raise ValueError("nothing to evaluate: no method")
     out: dict = {"protocol": {"scale": scale, "crop_border": suite.crop_border, "y_channel": suite.test_y_channel,
@@ -265,7 +267,11 @@ def evaluate(sets: Sequence[EvalSet], methods: Sequence[Method], suite: MetricSu
                 for mi, m in enumerate(methods):
                     sr = m.run(g.name, lr)
                     gt = _fit_gt(g.name, sr, hr, scale)
-                    per[m.label]["images"].append({"name": g.name, **suite.score(sr, gt)})
+                    try:
+                        scores = suite.score(sr, gt)
+                    except ValueError as exc:  # e.g. an image too small for SSIM: name the file
+                        raise ImageError(f"{s.name}/{g.name}: {exc}") from None
+                    per[m.label]["images"].append({"name": g.name, **scores})
                     if suite.wants_fid:
                         write_image(tmp / f"sr{mi}" / f"{gi:05d}.png", sr)
                         write_image(tmp / f"gt{mi}" / f"{gi:05d}.png", gt)
