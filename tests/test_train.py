@@ -57,7 +57,7 @@ def _log(run: Path) -> list[dict]:
 
 def test_presets_load():
     q = load_config("quickstart")
-    assert q["train"]["d_opt"]["lambda_d"] == 0.1
+    assert q["train"]["d_opt"]["lambda_d"] == 0.1 and q["train"]["d_opt"]["lambda_dis"] == 4.0
     p = load_config("paper")
     assert p["train"]["d_opt"]["lambda_d"] == 10.0 and p["network_d"]["num_experts"] == 12
     assert p["train"]["optim_g"]["lr"] == 1e-4 and p["train"]["scheduler"]["milestones"] == [150000]

@@ -140,8 +140,10 @@ PRESETS: dict[str, dict[str, Any]] = {
             # VGG19 on CPU would dominate a quick start; the paper preset uses it.
             "perceptual_opt": {"enabled": False},
             "pixel_opt": {"loss_weight": 1.0},
-            # λ_d = 0.1: with the paper's 10, D stays at chance for ~1000 iterations.
-            "d_opt": {"lambda_d": 0.1},
+            # λ_d = 0.1: with the paper's 10, D stays at chance for ~1000 iterations. λ_dis = 4: with
+            # the 0.5 of each relativistic term and λ_dis = 1, the balancing loss holds D at chance
+            # through the 300 iterations (with λ_b = 0 it learns; λ_dis = 4 keeps the balancing).
+            "d_opt": {"lambda_d": 0.1, "lambda_dis": 4.0},
         },
         "logger": {"print_freq": 10, "sample_freq": 250, "save_checkpoint_freq": 250,
                    "keep_checkpoints": 2, "chance_warn_iters": 200},
