@@ -23,6 +23,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Compiler flags of the C++ sources, the same in CMakeLists.txt. -fno-trapping-math lets the compiler
+# if-convert (and so vectorise) the compares of the row loops; nothing reads floating-point flags.
+CXX_FLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
 
 
 def _flag(name: str) -> bool:
@@ -80,9 +83,7 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX: newer GPUs JIT-compile it
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # -fno-trapping-math lets the compiler if-convert (and so vectorise) the compares of the row
-    # loops; nothing here reads floating-point exception flags.
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]  # the C++ standard is the one torch asks for
+    cxx = list(CXX_FLAGS)  # the C++ standard is the one torch asks for
     define_macros = []
     extra_link = ["-fopenmp"]
     if with_cuda:

@@ -1,4 +1,4 @@
-"""Discriminator-step benchmark (DESIGN §7): one full D step of the paper variant against the
+"""Discriminator-step benchmark (docs/design.md §7): one full D step of the paper variant against the
 authors'-code-compatible module, same N and num_feat.
 
 A step is: real pass, fake pass routed by the real routing, every loss, backward. The paper

@@ -1,4 +1,4 @@
-"""CAL-GAN losses (DESIGN §4): balancing, orthogonality, distribution, adversarial, perceptual."""
+"""CAL-GAN losses (docs/design.md §4): balancing, orthogonality, distribution, adversarial, perceptual."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def _unwrap(d: nn.Module) -> nn.Module:
 def discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, weights: Mapping[str, float] | None = None,
                        balance: str = "paper", gan: str = "relativistic",
                        real: DiscriminatorOutput | None = None) -> dict:
-    """The discriminator's loss of one (HR, SR) batch (DESIGN §4).
+    """The discriminator's loss of one (HR, SR) batch (docs/design.md §4).
 
     The real pass comes first; its routing (detached) routes the fake pass; ``sr`` is detached.
     Returns a dict of scalar tensors ``balance``, ``ortho``, ``dist``, ``dist_between``,

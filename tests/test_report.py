@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 from tests.utils import load_module
@@ -26,3 +27,20 @@ def test_head_interleaved_table():
     assert rows["torch"][2:] == ["1.00", "1.00", "17 %"]
     assert rows["matmul"][2:] == ["-", "-", "-"]
     assert _report().head_interleaved_table([{"extra_info": {"M": 16}}]) == []
+
+
+def test_results_md_is_the_report_of_the_committed_json():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob("benchmarks/results/*.json", root_dir=root))
+    assert paths, "no committed benchmark JSON"
+    cwd = os.getcwd()
+    try:
+        os.chdir(root)
+        text = _report().render(paths)
+    finally:
+        os.chdir(cwd)
+    with open(os.path.join(root, "benchmarks", "RESULTS.md")) as f:
+        committed = f.read()
+    assert committed == text, "benchmarks/RESULTS.md differs from `python benchmarks/report.py benchmarks/results/*.json`"
+    for word in ("final", "before", "not kept", "T20", "Z;"):
+        assert word not in committed

@@ -1,4 +1,4 @@
-"""The CAL-GAN content-aware local discriminator (DESIGN §2), with the fused routed head."""
+"""The CAL-GAN content-aware local discriminator (docs/design.md §2), with the fused routed head."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class Routing:
 
 
 class ExpertStats(NamedTuple):
-    """Per-expert statistics of the projected features y over the batch (DESIGN §2)."""
+    """Per-expert statistics of the projected features y over the batch (docs/design.md §2)."""
 
     count: Tensor  # (N,) int64
     mean: Tensor  # (N, c) fp32
@@ -100,7 +100,7 @@ def feature_extractor(in_channels: int, nf: int) -> nn.Sequential:
 
 
 class CALGANDiscriminator(nn.Module):
-    """CAL-GAN discriminator: feature extractor, router, N routed experts (DESIGN §2).
+    """CAL-GAN discriminator: feature extractor, router, N routed experts (docs/design.md §2).
 
     Args:
         in_channels: image channels (3).

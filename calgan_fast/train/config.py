@@ -23,7 +23,7 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the file."""
 
 
-#: Every key a configuration may hold, with its default (the paper's setting, DESIGN §8).
+#: Every key a configuration may hold, with its default (the paper's setting, docs/design.md §8).
 DEFAULTS: dict[str, Any] = {
     "name": "calgan",
     "model_type": "CALGANModel",
@@ -134,7 +134,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "keep_checkpoints": 2, "chance_warn_iters": 200},
         "val": {"val_freq": 300},
     },
-    # DESIGN §8: DIV2K, RRDB 23x64 from a PSNR checkpoint, 300k iterations, N = 12.
+    # docs/design.md §8: DIV2K, RRDB 23x64 from a PSNR checkpoint, 300k iterations, N = 12.
     "paper": {
         "name": "paper",
         "datasets": {"train": {"dataroot_gt": "datasets/DIV2K/DIV2K_train_HR", "gt_size": 256,

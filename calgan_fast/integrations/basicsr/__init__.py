@@ -6,7 +6,7 @@ Importing this module registers, in BasicSR's registries:
   :class:`calgan_fast.CALGANDiscriminator` under a name no BasicSR arch uses. Use it as
   ``network_d: {type: CALGANFastDiscriminator, num_feat: 64, num_experts: 12}``.
 - ``MODEL_REGISTRY["CALGANModel"]``: :class:`CALGANModel`, BasicSR's ``SRGANModel`` with the
-  CAL-GAN generator and discriminator steps (DESIGN §4), configured by ``train: calgan_opt:``.
+  CAL-GAN generator and discriminator steps (docs/design.md §4), configured by ``train: calgan_opt:``.
 
 Run BasicSR's own training loop with both registered::
 
@@ -128,7 +128,7 @@ class CALGANOptions:
 
 
 class CALGANModel(SRGANModel):
-    """BasicSR's ``SRGANModel`` trained the CAL-GAN way (DESIGN §4).
+    """BasicSR's ``SRGANModel`` trained the CAL-GAN way (docs/design.md §4).
 
     Generator step (every ``net_d_iters`` iterations after ``net_d_init_iters``, as in BasicSR):
     ``pixel_opt`` and ``perceptual_opt`` losses as configured, plus ``gen_weight · L_gen`` where D
