@@ -45,6 +45,19 @@ def _find_cuda_home() -> str | None:
     return home if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) else None
 
 
+def _refuse_isolated_torch(torch) -> None:
+    """Stops a build against a torch that pip (or ``python -m build``) put into a temporary, isolated
+    build environment: the extension would then not load with the torch that is installed."""
+    where = os.path.realpath(torch.__file__)
+    if any(mark in where for mark in ("pip-build-env-", "build-env-", "pip-req-build-")):
+        sys.exit(
+            f"calgan_fast: this is an isolated build, against torch {torch.__version__} from a temporary "
+            f"build environment ({os.path.dirname(where)}), not the torch installed where calgan_fast "
+            "will run; the extension would fail to load there.\n"
+            "  Use: pip install --no-build-isolation .   (or pip wheel --no-build-isolation ...)"
+        )
+
+
 def _extensions():
     if _flag("CALGAN_FAST_SKIP_EXT"):
         return [], {}
@@ -52,10 +65,12 @@ def _extensions():
         import torch
     except ImportError:
         sys.exit(
-            "calgan_fast: building the extension needs torch installed in the build environment.\n"
+            "calgan_fast: building the extension needs the torch it will run with, and this build "
+            "environment has none (pip's build isolation hides the installed torch).\n"
             "  Install torch first, then: pip install --no-build-isolation .\n"
-            "  (or run `bash install.sh`, which does both)"
+            "  (or run `bash install.sh`, which does both; CALGAN_FAST_SKIP_EXT=1 installs pure Python)"
         )
+    _refuse_isolated_torch(torch)
     cuda_home = _find_cuda_home()
     if cuda_home is not None:
         # Must be set before torch.utils.cpp_extension is imported: it reads it once.

@@ -10,7 +10,9 @@ the package still works: the ``cpu`` and ``cuda`` backends are unavailable and `
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 from . import _env
@@ -28,6 +30,12 @@ BUILD_HINT = (
 )
 
 
+def _built() -> bool:
+    """Whether a compiled ``_C`` file lies in the package (then a failed import is a failed load)."""
+    here = Path(__file__).resolve().parent
+    return any((here / f"_C{suffix}").exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
 def load_extension() -> ModuleType | None:
     """``calgan_fast._C``, or ``None`` (and one warning per process) when it cannot be used."""
     if "module" in _state:
@@ -39,12 +47,13 @@ def load_extension() -> ModuleType | None:
         try:
             module = importlib.import_module("calgan_fast._C")
             why = ""
-        except ModuleNotFoundError as e:
-            if e.name != "calgan_fast._C":
-                raise
-            why = "it is not built"
         except (ImportError, OSError) as e:  # e.g. built against another torch: undefined symbols
-            why = f"it fails to load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r})"
+            if isinstance(e, ModuleNotFoundError) and e.name != "calgan_fast._C":
+                raise
+            if _built():
+                why = f"it fails to load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r})"
+            else:
+                why = "it is not built"
     _state["module"] = module
     if module is None:
         warnings.warn(
