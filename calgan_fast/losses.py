@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 #: The paper's weights of L_D = λ_b L_b + λ_o L_o + λ_d L_dist + λ_dis L_dis.
-DEFAULT_WEIGHTS: dict[str, float] = {"balance": 0.05, "ortho": 10.0, "dist": 10.0, "adv": 1.0}
+DEFAULT_WEIGHTS: dict[str, float] = {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0}
 
 
 def resolve_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -87,7 +87,7 @@ def distribution_loss(stats: ExpertStats, return_parts: bool = False):
     return (total, between, within) if return_parts else total
 
 
-def gan_loss(real: Tensor, fake: Tensor, kind: str = "relativistic", for_discriminator: bool = True) -> Tensor:
+def gan_loss(real: Tensor, fake: Tensor, gan_type: str = "relativistic", for_discriminator: bool = True) -> Tensor:
     """Adversarial loss on logits.
 
     ``relativistic`` (RaGAN, averaged over the batch's pixels): for D,
@@ -96,22 +96,22 @@ def gan_loss(real: Tensor, fake: Tensor, kind: str = "relativistic", for_discrim
     """
     bce = F.binary_cross_entropy_with_logits
     real, fake = real.float(), fake.float()
-    if kind == "relativistic":
+    if gan_type == "relativistic":
         dr = real - fake.mean()
         df = fake - real.mean()
         t_real, t_fake = (1.0, 0.0) if for_discriminator else (0.0, 1.0)
         return bce(dr, torch.full_like(dr, t_real)) + bce(df, torch.full_like(df, t_fake))
-    if kind == "vanilla":
+    if gan_type == "vanilla":
         if for_discriminator:
             return bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))
         return bce(fake, torch.ones_like(fake))
-    raise ValueError(f"kind: expected 'relativistic' or 'vanilla', got {kind!r}")
+    raise ValueError(f"gan_type: expected 'relativistic' or 'vanilla', got {gan_type!r}")
 
 
-def _accuracy(real: Tensor, fake: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+def _accuracy(real: Tensor, fake: Tensor, gan_type: str) -> tuple[Tensor, Tensor]:
     """Fraction of real and of fake pixels that D classifies right (the rule its loss uses)."""
     real, fake = real.detach().float(), fake.detach().float()
-    if kind == "relativistic":
+    if gan_type == "relativistic":
         return (real > fake.mean()).float().mean(), (fake < real.mean()).float().mean()
     return (real > 0).float().mean(), (fake < 0).float().mean()
 
@@ -121,14 +121,14 @@ def _unwrap(d: nn.Module) -> nn.Module:
 
 
 def discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, weights: Mapping[str, float] | None = None,
-                       balance: str = "paper", gan: str = "relativistic",
+                       balance: str = "paper", gan_type: str = "relativistic",
                        real: DiscriminatorOutput | None = None) -> dict:
     """The discriminator's loss of one (HR, SR) batch (docs/design.md §4).
 
     The real pass comes first; its routing (detached) routes the fake pass; ``sr`` is detached.
     Returns a dict of scalar tensors ``balance``, ``ortho``, ``dist``, ``dist_between``,
-    ``dist_within``, ``adv``, ``total`` (the weighted sum, differentiable), detached ``acc_real``
-    and ``acc_fake``, and ``routing``/``stats`` of the real pass (detached) for logging.
+    ``dist_within``, ``adv``, ``total`` (the weighted sum, differentiable), detached ``acc_d_real``
+    and ``acc_d_fake``, and ``routing``/``stats`` of the real pass (detached) for logging.
 
     ``real``: the output of ``D(hr, return_aux=True)`` computed with gradient by the caller (for
     example once per training step, shared with :func:`generator_adversarial_loss`); by default
@@ -141,13 +141,13 @@ def discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, weights: Mapping[st
     l_b = balancing_loss(real.routing.probs, real.routing.expert, balance)
     l_o = orthogonal_loss(_unwrap(D).proj)
     l_d, l_btw, l_wi = distribution_loss(real.stats, return_parts=True)
-    l_adv = gan_loss(real.logits, fake.logits, gan, for_discriminator=True)
-    total = w["balance"] * l_b + w["ortho"] * l_o + w["dist"] * l_d + w["adv"] * l_adv
-    acc_real, acc_fake = _accuracy(real.logits, fake.logits, gan)
+    l_adv = gan_loss(real.logits, fake.logits, gan_type, for_discriminator=True)
+    total = w["lambda_b"] * l_b + w["lambda_o"] * l_o + w["lambda_d"] * l_d + w["lambda_dis"] * l_adv
+    acc_real, acc_fake = _accuracy(real.logits, fake.logits, gan_type)
     stats = ExpertStats(real.stats.count, real.stats.mean.detach(), real.stats.var.detach())
     return {
         "balance": l_b, "ortho": l_o, "dist": l_d, "dist_between": l_btw, "dist_within": l_wi,
-        "adv": l_adv, "total": total, "acc_real": acc_real, "acc_fake": acc_fake,
+        "adv": l_adv, "total": total, "acc_d_real": acc_real, "acc_d_fake": acc_fake,
         "routing": real.routing.detach(), "stats": stats,
     }
 
@@ -165,7 +165,7 @@ def frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
-def generator_adversarial_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan: str = "relativistic",
+def generator_adversarial_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str = "relativistic",
                                real: DiscriminatorOutput | None = None) -> Tensor:
     """L_gen (Eq. 1): D scores ``sr`` with the experts of ``hr`` (HR routing reused); D's
     parameters receive no gradient, ``sr`` does.
@@ -181,7 +181,7 @@ def generator_adversarial_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan: str = 
             real = D(hr, return_aux=True)
     with frozen(D):
         fake = D(sr, routing=real.routing)
-    return gan_loss(real.logits.detach(), fake, gan, for_discriminator=False)
+    return gan_loss(real.logits.detach(), fake, gan_type, for_discriminator=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from torch import nn
 
 import calgan_fast as cf
 
-D_WEIGHTS = {"balance": 0.05, "ortho": 10.0, "dist": 10.0, "adv": 1.0}  # the paper's λ_b, λ_o, λ_d, λ_dis
+D_WEIGHTS = {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0}  # the paper's λ values
 L1_W, GAN_W = 0.01, 0.005  # λ_r, λ_g (λ_p = 1 when --vgg is given)
-LOGGED = ("total", "adv", "balance", "ortho", "dist", "acc_real", "acc_fake")
+LOGGED = ("total", "adv", "balance", "ortho", "dist", "acc_d_real", "acc_d_fake")
 
 
 class TinySR(nn.Module):

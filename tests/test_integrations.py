@@ -122,7 +122,7 @@ def test_options_from_yaml_section():
     from calgan_fast.integrations.basicsr import CALGANOptions
 
     opts = CALGANOptions.from_train_opt(_load_example()["train"])
-    assert opts.d_weights() == {"balance": 0.05, "ortho": 10.0, "dist": 10.0, "adv": 1.0}
+    assert opts.d_weights() == {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0}
     assert (opts.gen_weight, opts.balance_mode, opts.gan) == (0.005, "paper", "relativistic")
     assert CALGANOptions.from_train_opt({}) == CALGANOptions()
     with pytest.raises(ValueError, match="calgan_opt: unknown keys"):

@@ -415,8 +415,7 @@ class Trainer:
         logs.update(l_pix=l_pix.detach(), l_gen=l_gen.detach(), l_g_total=l_g.detach())
         # Discriminator.
         do = tr["d_opt"]
-        weights = {"balance": do["lambda_b"], "ortho": do["lambda_o"], "dist": do["lambda_d"],
-                   "adv": do["lambda_dis"]}
+        weights = {k: do[k] for k in ("lambda_b", "lambda_o", "lambda_d", "lambda_dis")}
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast():
             d = discriminator_loss(self.net_d, gt, sr.detach(), weights, do["balance"], tr["gan_opt"]["gan_type"],
@@ -428,8 +427,9 @@ class Trainer:
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
         self.sched_d.step()
-        for k in ("balance", "ortho", "dist", "adv", "total", "acc_real", "acc_fake"):
+        for k in ("balance", "ortho", "dist", "adv", "total"):
             logs[f"d_{k}"] = d[k].detach()
+        logs["d_acc_real"], logs["d_acc_fake"] = d["acc_d_real"].detach(), d["acc_d_fake"].detach()
         count = d["stats"].count.float()
         if self.distributed:
             dist.all_reduce(count)

@@ -123,8 +123,8 @@ class CALGANOptions:
 
     def d_weights(self) -> dict[str, float]:
         """The weights in the form :func:`calgan_fast.losses.discriminator_loss` takes."""
-        return {"balance": self.balance_weight, "ortho": self.ortho_weight, "dist": self.dist_weight,
-                "adv": self.adv_weight}
+        return {"lambda_b": self.balance_weight, "lambda_o": self.ortho_weight, "lambda_d": self.dist_weight,
+                "lambda_dis": self.adv_weight}
 
 
 class CALGANModel(SRGANModel):
@@ -185,7 +185,7 @@ class CALGANModel(SRGANModel):
                 if l_g_style is not None:
                     l_g_total += l_g_style
                     loss_dict["l_g_style"] = l_g_style
-            l_g_gan = self.gen_weight * generator_adversarial_loss(self.net_d, self.gt, self.output, gan=opts.gan)
+            l_g_gan = self.gen_weight * generator_adversarial_loss(self.net_d, self.gt, self.output, gan_type=opts.gan)
             l_g_total += l_g_gan
             loss_dict["l_g_gan"] = l_g_gan
             l_g_total.backward()
@@ -196,14 +196,14 @@ class CALGANModel(SRGANModel):
             p.requires_grad = True
         self.optimizer_d.zero_grad()
         d = discriminator_loss(self.net_d, self.gt, self.output.detach(), weights=opts.d_weights(),
-                               balance=opts.balance_mode, gan=opts.gan)
+                               balance=opts.balance_mode, gan_type=opts.gan)
         d["total"].backward()
         self.optimizer_d.step()
         loss_dict["l_d_total"] = d["total"].detach()
         for key in ("adv", "balance", "ortho", "dist"):
             loss_dict[f"l_d_{key}"] = d[key].detach()
-        loss_dict["acc_d_real"] = d["acc_real"]
-        loss_dict["acc_d_fake"] = d["acc_fake"]
+        loss_dict["acc_d_real"] = d["acc_d_real"]
+        loss_dict["acc_d_fake"] = d["acc_d_fake"]
         loss_dict["d_experts_used"] = (d["stats"].count > 0).sum().float()
 
         self.log_dict = self.reduce_loss_dict(loss_dict)
