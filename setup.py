@@ -97,7 +97,8 @@ def _extensions():
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX: newer GPUs JIT-compile it
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx = list(CXX_FLAGS)  # the C++ standard is the one torch asks for
     define_macros = []
     extra_link = ["-fopenmp"]
@@ -116,7 +117,8 @@ def _extensions():
             "calgan_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros, extra_compile_args={"cxx": cxx}, extra_link_args=extra_link,
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja_module())}
+    use_ninja = shutil.which("ninja") is not None or _has_ninja_module()
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}
 
 
 def _has_ninja_module() -> bool:

@@ -54,11 +54,21 @@ def head_table(benches: list[dict]) -> list[str]:
             speed = f"{_median_s(ref) / t:.1f}" if ref is not None else "-"
             frac = f"{100 * gf / sol:.0f} %" if sol else "-"
             mem = f"{e['peak_mem_mb']:.0f}" if e.get("peak_mem_mb") is not None else "-"
-            out.append(f"| {mode} | {dtype} | {m} | {c} | {n} | {name} | {t * 1e3:.2f} | {gf:.1f} | {speed} | {frac} | {mem} |")
+            out.append(
+                f"| {mode} | {dtype} | {m} | {c} | {n} | {name} | {t * 1e3:.2f} | {gf:.1f} | {speed} "
+                f"| {frac} | {mem} |"
+            )
     if matmul:
-        out += ["", "Speed of light (plain matmul of the same shape, same run):", "",
-                "| mode | dtype | M | c | GFLOP/s |", "|---|---|---:|---:|---:|"]
-        for (m, c, mode, dtype), gf in sorted(matmul.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][0], kv[0][1])):
+        out += [
+            "",
+            "Speed of light (plain matmul of the same shape, same run):",
+            "",
+            "| mode | dtype | M | c | GFLOP/s |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for (m, c, mode, dtype), gf in sorted(
+            matmul.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][0], kv[0][1])
+        ):
             out.append(f"| {mode} | {dtype} | {m} | {c} | {gf:.1f} |")
     return out
 
@@ -78,7 +88,10 @@ def dstep_table(benches: list[dict]) -> list[str]:
         ref = base.get(e.get("shape"))
         speed = f"{ref / t:.2f}" if ref else "-"
         mem = f"{e['peak_mem_mb']:.0f}" if e.get("peak_mem_mb") is not None else "-"
-        out.append(f"| {e.get('model')} | {e.get('backend', '-')} | {e.get('shape')} | {t * 1e3:.1f} | {speed} | {mem} |")
+        out.append(
+            f"| {e.get('model')} | {e.get('backend', '-')} | {e.get('shape')} | {t * 1e3:.1f} "
+            f"| {speed} | {mem} |"
+        )
     return out
 
 
@@ -89,9 +102,12 @@ def dstep_interleaved_table(benches: list[dict]) -> list[str]:
         e = b["extra_info"]
         med, best = e.get("median_ms", {}), e.get("best_ms", {})
         base_med, base_best = med.get("official"), best.get("official")
-        out += [f"Interleaved ({e.get('shape')}, {e.get('rounds')} rounds, every variant once per round):", "",
-                "| variant | median ms | x compat (medians) | best ms | x compat (best) |",
-                "|---|---:|---:|---:|---:|"]
+        out += [
+            f"Interleaved ({e.get('shape')}, {e.get('rounds')} rounds, every variant once per round):",
+            "",
+            "| variant | median ms | x compat (medians) | best ms | x compat (best) |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for v in med:
             name = "compat" if v == "official" else v
             r_med = f"{base_med / med[v]:.2f}" if base_med else "-"
@@ -109,9 +125,13 @@ def head_interleaved_table(benches: list[dict]) -> list[str]:
         med, best = e.get("median_ms", {}), e.get("best_ms", {})
         mm = best.get("matmul")
         sol = e["matmul_flops"] / mm if mm else None  # matmul FLOPs per ms, best round
-        out += [f"Interleaved ({e.get('shape')}, {e.get('rounds')} rounds, every variant once per round):", "",
-                "| variant | median ms | best ms | x torch (medians) | x torch (best) | % of speed of light (best) |",
-                "|---|---:|---:|---:|---:|---:|"]
+        out += [
+            f"Interleaved ({e.get('shape')}, {e.get('rounds')} rounds, every variant once per round):",
+            "",
+            "| variant | median ms | best ms | x torch (medians) | x torch (best) "
+            "| % of speed of light (best) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for v in med:
             r_med = f"{med['torch'] / med[v]:.2f}" if "torch" in med and v != "matmul" else "-"
             r_best = f"{best['torch'] / best[v]:.2f}" if "torch" in best and v != "matmul" else "-"
@@ -130,8 +150,8 @@ INTRO = [
     "command of its section again, never this file.",
     "",
     "Columns: median time; GFLOP/s of useful FLOPs (`2 M c² + 2 M c hdim` forward, three times that",
-    "for forward and backward, docs/design.md §7); \"x reference\", the speed-up over the dense",
-    "`reference` backend; \"% of matmul\", the GFLOP/s over that of a plain `(M, c) x (c, c)` matmul",
+    'for forward and backward, docs/design.md §7); "x reference", the speed-up over the dense',
+    '`reference` backend; "% of matmul", the GFLOP/s over that of a plain `(M, c) x (c, c)` matmul',
     "of the same run (the speed of light). Interleaved tables time every variant once per round,",
     "round after round, so that a drift of the machine's speed hits them alike. Peak memory is",
     "recorded on CUDA only.",
@@ -170,8 +190,12 @@ def render(paths: list[str], title: str = "calgan_fast benchmark results") -> st
         benches = data.get("benchmarks", [])
         lines += [f"## `{path.split('/')[-1]}`", "", "    " + command_line(path, data), ""]
         lines += machine_lines(data) + [""]
-        for table in (head_table(benches), head_interleaved_table(benches), dstep_table(benches),
-                      dstep_interleaved_table(benches)):
+        for table in (
+            head_table(benches),
+            head_interleaved_table(benches),
+            dstep_table(benches),
+            dstep_interleaved_table(benches),
+        ):
             if table:
                 lines += table + [""]
     return "\n".join(lines)

@@ -43,7 +43,11 @@ def test_routes_match_reference(case, dtype):
 
 # (M, c) with N = 3: experts of about M/3 rows take the scatter-matrix route when 5 n >= 4 c; the
 # kernels gather an expert's rows minus the mean of up to 128 of them (all of them below 129 rows).
-ROUTES = {"textbook-route": (60, 130), "textbook-route-over-128-rows": (540, 256), "scatter-route": (900, 130)}
+ROUTES = {
+    "textbook-route": (60, 130),
+    "textbook-route-over-128-rows": (540, 256),
+    "scatter-route": (900, 130),
+}
 
 
 def shift_rows(n: int) -> set[int]:
@@ -104,11 +108,20 @@ def test_statistics_stable_with_large_offset(spread):
     m, c = 4096, 16
     x = (torch.randn(m, c, dtype=torch.float64) * spread + 1e3).float().double()  # exact in fp32
     eye = torch.eye(c, dtype=torch.float64)[None]
-    args = (x, torch.zeros(m, dtype=torch.long), torch.ones(m, dtype=torch.float64), eye,
-            torch.zeros(1, 2, c, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
-            torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    args = (
+        x,
+        torch.zeros(m, dtype=torch.long),
+        torch.ones(m, dtype=torch.float64),
+        eye,
+        torch.zeros(1, 2, c, dtype=torch.float64),
+        torch.zeros(1, 2, dtype=torch.float64),
+        torch.zeros(1, 2, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+    )
     var64 = calgan_fast.routed_head(*args, backend="cpu").var
-    var32 = calgan_fast.routed_head(*(a.float() if a.is_floating_point() else a for a in args), backend="cpu").var
+    var32 = calgan_fast.routed_head(
+        *(a.float() if a.is_floating_point() else a for a in args), backend="cpu"
+    ).var
     torch.testing.assert_close(var64, x.var(0, unbiased=False).mean()[None], rtol=1e-9, atol=0)
     torch.testing.assert_close(var32.double(), var64, rtol=1e-3, atol=0)
 
@@ -119,13 +132,16 @@ def test_variance_gradient_stable_with_large_offset(route):
     the kernels form it from rows shifted by an estimate of their mean, so fp32 keeps about the
     digits of the spread (the dx GEMM on uncentred rows gives 3e-5 on the scatter route here)."""
     m, c = ROUTES[route]
-    x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(m, c, 3, dtype=torch.float64, seed=11, gate_random=False)
+    x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(
+        m, c, 3, dtype=torch.float64, seed=11, gate_random=False
+    )
     x = (x + 100.0).float().double()  # exact in fp32
 
     def var_grads(dtype):
         leaves = [t.to(dtype).requires_grad_(True) for t in (x, gate, proj)]
-        out = calgan_fast.routed_head(leaves[0], expert, leaves[1], leaves[2], *(t.to(dtype) for t in (w1, b1, w2, b2)),
-                                      backend="cpu")
+        out = calgan_fast.routed_head(
+            leaves[0], expert, leaves[1], leaves[2], *(t.to(dtype) for t in (w1, b1, w2, b2)), backend="cpu"
+        )
         out.var.sum().backward()
         return [t.grad.double() for t in leaves]
 
@@ -157,7 +173,12 @@ def test_rows_that_drift_within_an_expert():
 
 
 # Experts of the first route have under 129 rows, all of them sampled for the shift.
-NAN_CASES = [(r, w) for r in ROUTES for w in ("sampled-row", "unsampled-row") if (r, w) != ("textbook-route", "unsampled-row")]
+NAN_CASES = [
+    (r, w)
+    for r in ROUTES
+    for w in ("sampled-row", "unsampled-row")
+    if (r, w) != ("textbook-route", "unsampled-row")
+]
 
 
 @pytest.mark.parametrize(("route", "where"), NAN_CASES, ids=lambda v: v)
@@ -290,9 +311,13 @@ def test_bad_backward_args_name_argument():
     _, count, mean, _, perm, offsets, xcov = torch.ops.calgan_fast_C.routed_head_fwd(*args)
     good = [torch.randn(10), torch.randn(3, 8), torch.randn(3), *args, count, mean, perm, offsets, xcov]
     torch.ops.calgan_fast_C.routed_head_bwd(*good)
-    for index, bad, match in ((0, torch.randn(9), "glogits"), (1, torch.randn(3, 7), "gmean"),
-                              (2, torch.randn(4), "gvar"), (14, torch.zeros(3, dtype=torch.long), "offsets"),
-                              (15, torch.zeros(3, 8, 7), "xcov")):
+    for index, bad, match in (
+        (0, torch.randn(9), "glogits"),
+        (1, torch.randn(3, 7), "gmean"),
+        (2, torch.randn(4), "gvar"),
+        (14, torch.zeros(3, dtype=torch.long), "offsets"),
+        (15, torch.zeros(3, 8, 7), "xcov"),
+    ):
         args_bad = list(good)
         args_bad[index] = bad
         with pytest.raises(RuntimeError, match=match):

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _run(code: str, env_extra: dict | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
     env.pop("CALGAN_FAST_BACKEND", None)
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 _FALLBACK = """
@@ -66,23 +67,40 @@ def test_isolated_build_against_another_torch_stops(tmp_path):
     (fake / "__init__.py").write_text("__version__ = '0.0.0+isolated'\n")
     env = dict(os.environ, PYTHONPATH=str(fake.parent))
     env.pop("CALGAN_FAST_SKIP_EXT", None)
-    proc = subprocess.run([sys.executable, "setup.py", "--version"], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "--version"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "isolated build" in proc.stderr and "pip install --no-build-isolation" in proc.stderr
 
 
 def test_sdist_ships_every_source(tmp_path):
     env = dict(os.environ, CALGAN_FAST_SKIP_EXT="1")
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sdist,) = tmp_path.glob("calgan_fast-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    wanted = [p for d in ("csrc", "kernels", "calgan_fast") for p in (ROOT / d).rglob("*")
-              if p.is_file() and p.suffix in (".h", ".cuh", ".cpp", ".cu", ".py", ".typed")
-              and "__pycache__" not in p.parts]
+    wanted = [
+        p
+        for d in ("csrc", "kernels", "calgan_fast")
+        for p in (ROOT / d).rglob("*")
+        if p.is_file()
+        and p.suffix in (".h", ".cuh", ".cpp", ".cu", ".py", ".typed")
+        and "__pycache__" not in p.parts
+    ]
     missing = sorted(str(p.relative_to(ROOT)) for p in wanted if str(p.relative_to(ROOT)) not in names)
     assert not missing, f"not in the sdist: {missing}"
     assert {"setup.py", "pyproject.toml", "CMakeLists.txt", "README.md"} <= names

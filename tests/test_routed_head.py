@@ -41,7 +41,9 @@ class Where(NamedTuple):
         return BACKENDS[self.name].interpreter and self.device == "cpu"
 
     def inputs(self, m, c, n, hdim=None, kind="random", dtype=torch.float32, **kw):
-        return make_inputs(m, c, n, hdim, dtype=dtype, device=self.device, expert=expert_ids(kind, m, n), **kw)
+        return make_inputs(
+            m, c, n, hdim, dtype=dtype, device=self.device, expert=expert_ids(kind, m, n), **kw
+        )
 
 
 @pytest.fixture(params=head_backends())
@@ -52,8 +54,10 @@ def backend(request, monkeypatch) -> Where:
         from calgan_fast.ops import triton_impl
 
         if not triton_impl._stdlib_interpreted():
-            pytest.skip("triton was imported in compiled mode before TRITON_INTERPRET=1 was set; run "
-                        "`TRITON_INTERPRET=1 pytest tests/test_routed_head.py` for the interpreter")
+            pytest.skip(
+                "triton was imported in compiled mode before TRITON_INTERPRET=1 was set; run "
+                "`TRITON_INTERPRET=1 pytest tests/test_routed_head.py` for the interpreter"
+            )
     return where
 
 
@@ -70,7 +74,9 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 def test_matches_reference(backend, case, dtype):
     _takes(backend, dtype)
     m, c, n, hdim, kind = case
-    if backend.interpreted and (m * c > INTERPRETER_MAX_SIZE or (dtype != torch.float32 and case != CASES[0])):
+    if backend.interpreted and (
+        m * c > INTERPRETER_MAX_SIZE or (dtype != torch.float32 and case != CASES[0])
+    ):
         pytest.skip("the Triton interpreter runs fp32 on the small cases, other dtypes on the first")
     inputs = backend.inputs(m, c, n, hdim, kind, dtype=dtype, requires_grad=True)
     assert_matches_reference(inputs, backend.name)
@@ -95,7 +101,10 @@ def test_non_contiguous_x(backend):
     # An NCHW feature map (B = 1) viewed as (M, c) rows, and a column-sliced view.
     c, hh, ww, n = 24, 5, 7, 4
     fmap = torch.randn(1, c, hh, ww, device=backend.device)
-    views = [fmap.flatten(2).transpose(1, 2).reshape(hh * ww, c), torch.randn(hh * ww, 2 * c, device=backend.device)[:, ::2]]
+    views = [
+        fmap.flatten(2).transpose(1, 2).reshape(hh * ww, c),
+        torch.randn(hh * ww, 2 * c, device=backend.device)[:, ::2],
+    ]
     _, expert, gate, proj, w1, b1, w2, b2 = make_inputs(hh * ww, c, n, 3, device=backend.device)
     for x in views:
         assert not x.is_contiguous()
@@ -138,8 +147,10 @@ def test_opcheck(backend):
             _, count, mean, _, perm, offsets, xcov = fwd(*inputs)
         assert xcov.shape == BACKENDS[backend.name].xcov_shape(8, 4)
         g = torch.Generator().manual_seed(0)
-        upstream = [torch.randn(s, generator=g).to(device=backend.device, dtype=d)
-                    for s, d in ((40, dtype), ((4, 8), mean.dtype), (4, mean.dtype))]
+        upstream = [
+            torch.randn(s, generator=g).to(device=backend.device, dtype=d)
+            for s, d in ((40, dtype), ((4, 8), mean.dtype), (4, mean.dtype))
+        ]
         args = tuple(t.detach() for t in (*upstream, *inputs, count, mean, perm, offsets, xcov))
         torch.library.opcheck(bwd, args)
 
@@ -153,7 +164,9 @@ def test_double_backward_raises(backend):
 
 
 def test_nan_stays_in_its_row_and_expert(backend):
-    x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(40, 8, 3, expert=torch.arange(40) % 3, device=backend.device)
+    x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(
+        40, 8, 3, expert=torch.arange(40) % 3, device=backend.device
+    )
     x[7, 3] = float("nan")  # row 7 goes to expert 1
     out = routed_head(x, expert, gate, proj, w1, b1, w2, b2, backend=backend.name)
     clean = routed_head(x.nan_to_num(0.0), expert, gate, proj, w1, b1, w2, b2, backend=backend.name)
@@ -176,8 +189,14 @@ def test_autocast_does_not_recast(backend):
         assert torch.equal(a, b)
 
 
-ROUTING_CASES = [(1, 1, "random"), (100, 7, "random"), (45, 1, "random"), (70, 4, "one_expert"),
-                 (64, 16, "sparse"), (1000, 13, "random")]
+ROUTING_CASES = [
+    (1, 1, "random"),
+    (100, 7, "random"),
+    (45, 1, "random"),
+    (70, 4, "one_expert"),
+    (64, 16, "sparse"),
+    (1000, 13, "random"),
+]
 
 
 @pytest.mark.parametrize("case", ROUTING_CASES, ids=lambda c: f"M{c[0]}-N{c[1]}-{c[2]}")
@@ -211,6 +230,7 @@ def test_mixed_precision_weights_get_fp32_grads():
 
 
 # ------------------------------------------------------------------------------- bad input
+
 
 def _good():
     return list(make_inputs(10, 8, 3, 2))

@@ -1,7 +1,8 @@
 """What is particular to the ``triton`` backend: its tile maps, and its kernels compiled for a GPU.
 
 The backend-generic tests (against the reference, gradcheck, opcheck, determinism, strides, NaN)
-run on it in test_routed_head.py. Unmarked tests here run the kernels on CPU tensors through the Triton interpreter: the ``interp``
+run on it in test_routed_head.py. Unmarked tests here run the kernels on CPU tensors through the
+Triton interpreter: the ``interp``
 fixture sets ``TRITON_INTERPRET=1`` for the duration of each test only (other test files keep
 their environment), and the backend defines its kernels again whenever the mode it was loaded in
 differs from the one asked for. Shapes are tiny; the interpreter's tiles are 16 rows/channels and
@@ -35,8 +36,10 @@ def interp(monkeypatch):
     from calgan_fast.ops import triton_impl
 
     if not triton_impl._stdlib_interpreted():
-        pytest.skip("triton was imported in compiled mode before TRITON_INTERPRET=1 was set (a GPU "
-                    "session); run `TRITON_INTERPRET=1 pytest tests/test_triton.py` for these tests")
+        pytest.skip(
+            "triton was imported in compiled mode before TRITON_INTERPRET=1 was set (a GPU "
+            "session); run `TRITON_INTERPRET=1 pytest tests/test_triton.py` for these tests"
+        )
     return triton_impl._kernels()
 
 
@@ -55,6 +58,7 @@ def nan_empty(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # Routing metadata
 # --------------------------------------------------------------------------------------------
+
 
 def test_segment_map_covers_each_position_once(interp, nan_empty):
     expert = torch.tensor([0] * 33 + [2] * 1 + [3] * 16 + [5] * 17)
@@ -103,8 +107,9 @@ def test_kernels_compile_for_sm90():
     here = Path(__file__).resolve().parent
     env["PYTHONPATH"] = os.pathsep.join([str(here.parent), str(here), env.get("PYTHONPATH", "")])
     code = "import test_triton as t; t._compile_all('bf16')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=here, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=here, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -119,14 +124,37 @@ def _compile_all(dtype: str) -> None:
     assert not k.INTERPRET
     rh, ro = k.routed_head, k.routing
     acc = "fp32"
-    types = {"perm_ptr": "*i64", "offsets_ptr": "*i64", "expert_ptr": "*i64", "count_ptr": "*i64",
-             "seg_off_ptr": "*i64", "off_a_ptr": "*i64", "off_b_ptr": "*i64", "tile_off_ptr": "*i64",
-             "blk_count_ptr": "*i32", "blk_base_ptr": "*i32"}
+    types = {
+        "perm_ptr": "*i64",
+        "offsets_ptr": "*i64",
+        "expert_ptr": "*i64",
+        "count_ptr": "*i64",
+        "seg_off_ptr": "*i64",
+        "off_a_ptr": "*i64",
+        "off_b_ptr": "*i64",
+        "tile_off_ptr": "*i64",
+        "blk_count_ptr": "*i32",
+        "blk_base_ptr": "*i32",
+    }
     for nm in ("tile_sum", "tile_m2", "gmean", "gvar", "mean", "var", "cls_part", "proj_part", "part", "out"):
         types[nm + "_ptr"] = "*" + acc
-    for nm in ("tile_expert", "tile_start", "tile_stop", "slab_expert", "slab_start", "slab_stop",
-               "seg_expert", "seg_start", "seg_stop", "exp_a", "start_a", "stop_a", "exp_b", "start_b",
-               "stop_b"):
+    for nm in (
+        "tile_expert",
+        "tile_start",
+        "tile_stop",
+        "slab_expert",
+        "slab_start",
+        "slab_stop",
+        "seg_expert",
+        "seg_start",
+        "seg_stop",
+        "exp_a",
+        "start_a",
+        "stop_a",
+        "exp_b",
+        "start_b",
+        "stop_b",
+    ):
         types[nm + "_ptr"] = "*i32"
     kernels = [
         (ro._routing_hist_kernel, {"BLOCK": 1024, "NP": 16}, {}),
@@ -137,8 +165,9 @@ def _compile_all(dtype: str) -> None:
         (rh._expert_stats_kernel, {"BLOCK_C": 256}, {}),
     ]
     for c in (256, 512):  # one channel block (u kept in the backward), and several
-        cfg = rh._Cfg(65536, c, c // 8, torch.bfloat16 if dtype == "bf16" else torch.float32,
-                      torch.device("cpu"))
+        cfg = rh._Cfg(
+            65536, c, c // 8, torch.bfloat16 if dtype == "bf16" else torch.float32, torch.device("cpu")
+        )
         gemm, head = cfg.gemm(), cfg.gemm(head=True)
         opts = {"num_warps": gemm.pop("num_warps"), "num_stages": gemm.pop("num_stages")}
         del head["num_warps"], head["num_stages"]
@@ -150,10 +179,16 @@ def _compile_all(dtype: str) -> None:
             (rh._routed_head_bwd_dproj_kernel, gemm, opts),
         ]
     for fn, consts, options in kernels:
-        sig = {a: types.get(a, ("*" + dtype) if a.endswith("_ptr") else "i32")
-               for a in fn.arg_names if a not in consts}
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options=options or None)
+        sig = {
+            a: types.get(a, ("*" + dtype) if a.endswith("_ptr") else "i32")
+            for a in fn.arg_names
+            if a not in consts
+        }
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=consts),
+            target=GPUTarget("cuda", 90, 32),
+            options=options or None,
+        )
         assert ".entry" in compiled.asm["ptx"], fn.__name__
         assert compiled.metadata.shared <= 227 * 1024, fn.__name__
 

@@ -26,8 +26,19 @@ def tol(dtype: torch.dtype) -> dict:
     return {"rtol": rtol, "atol": atol}
 
 
-def make_inputs(m, c, n, hdim=None, *, dtype=torch.float32, device="cpu", seed=0, expert=None,
-                requires_grad=False, gate_random=True):
+def make_inputs(
+    m,
+    c,
+    n,
+    hdim=None,
+    *,
+    dtype=torch.float32,
+    device="cpu",
+    seed=0,
+    expert=None,
+    requires_grad=False,
+    gate_random=True,
+):
     """Random routed-head inputs with weights scaled like a trained head (outputs O(1))."""
     g = torch.Generator().manual_seed(seed)
     hdim = hdim or max(1, c // 8)
@@ -68,7 +79,9 @@ def head_backends() -> list:
         if b.interpreter:
             devices = ["cuda" if gpu else "cpu"]
         else:
-            devices = [d for d in ("cpu", "cuda") if d in b.devices and (d == "cpu" or gpu or len(b.devices) == 1)]
+            devices = [
+                d for d in ("cpu", "cuda") if d in b.devices and (d == "cpu" or gpu or len(b.devices) == 1)
+            ]
         ok, why = b.available()
         for d in devices:
             marks = []
@@ -92,7 +105,11 @@ def grads_of(outputs, inputs, seed=1):
     gl = torch.randn(logits.shape, generator=g).to(logits)
     gm = torch.randn(mean.shape, generator=g).to(mean)
     gv = torch.randn(var.shape, generator=g).to(var)
-    loss = (logits.float() * gl.float()).sum() + (mean.float() * gm.float()).sum() + (var.float() * gv.float()).sum()
+    loss = (
+        (logits.float() * gl.float()).sum()
+        + (mean.float() * gm.float()).sum()
+        + (var.float() * gv.float()).sum()
+    )
     return torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
@@ -161,7 +178,9 @@ def assert_close_to_ref(name, out, out_ref, out_pt, dtype):
     err_pt = (out_pt.double() - ref).abs().max().item() if out.numel() else 0.0
     bound = 2 * err_pt + atol + rtol * (ref.abs().max().item() if out.numel() else 0.0)
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (reference in {dtype}: {err_pt:.3e})"
+    assert err <= bound, (
+        f"{name}: max error {err:.3e} > bound {bound:.3e} (reference in {dtype}: {err_pt:.3e})"
+    )
 
 
 def assert_matches_reference(inputs, backend):
@@ -173,7 +192,9 @@ def assert_matches_reference(inputs, backend):
     out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
     assert out[2].dtype == stat_dtype(dtype) and out[3].dtype == stat_dtype(dtype)
     for name, a, r, p in zip(OUTPUT_NAMES, out + grads, out_ref + grads_ref, out_pt + grads_pt):
-        assert a.dtype == p.dtype and a.shape == p.shape, f"{name}: {a.dtype} {tuple(a.shape)}, want {p.dtype} {tuple(p.shape)}"
+        assert a.dtype == p.dtype and a.shape == p.shape, (
+            f"{name}: {a.dtype} {tuple(a.shape)}, want {p.dtype} {tuple(p.shape)}"
+        )
         if name == "count":
             assert torch.equal(a, r), "count"
         else:

@@ -62,7 +62,10 @@ def _cpu_available() -> tuple[bool, str]:
 def _cuda_available() -> tuple[bool, str]:
     ext = extension()
     if ext is None:
-        return False, f"calgan_fast._C is not built or does not load; {REINSTALL} with nvcc and a CUDA build of torch"
+        return (
+            False,
+            f"calgan_fast._C is not built or does not load; {REINSTALL} with nvcc and a CUDA build of torch",
+        )
     if not getattr(ext, "WITH_CUDA", False) or not _has_kernel("routed_head_fwd", "CUDA"):
         return False, (
             "calgan_fast._C was built without CUDA; with nvcc (CUDA_HOME) and a CUDA build of "
@@ -118,16 +121,49 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("reference", "calgan_fast.ops.reference_impl", ("cpu", "cuda", "meta"), _ALL_FLOATS, _always,
-                "dense and masked plain PyTorch: every expert on every pixel (oracle, slow)", fused=False),
-        Backend("torch", "calgan_fast.ops.torch_impl", ("cpu", "cuda", "meta"), _ALL_FLOATS, _always,
-                "rows sorted by expert, one GEMM chain per expert, plain PyTorch"),
-        Backend("triton", "calgan_fast.ops.triton_impl", ("cuda",), _ALL_FLOATS, _triton_available,
-                "fused Triton kernels (GPU; CPU tensors under TRITON_INTERPRET=1)", interpreter=True),
-        Backend("cuda", "calgan_fast.ops.cpp_impl", ("cuda",), _ALL_FLOATS[:3], _cuda_available,
-                "fused CUDA kernels of calgan_fast._C"),
-        Backend("cpu", "calgan_fast.ops.cpp_impl", ("cpu",), _ALL_FLOATS, _cpu_available,
-                "fused C++ kernel of calgan_fast._C (OpenMP, vectorised)", keeps_xcov=True),
+        Backend(
+            "reference",
+            "calgan_fast.ops.reference_impl",
+            ("cpu", "cuda", "meta"),
+            _ALL_FLOATS,
+            _always,
+            "dense and masked plain PyTorch: every expert on every pixel (oracle, slow)",
+            fused=False,
+        ),
+        Backend(
+            "torch",
+            "calgan_fast.ops.torch_impl",
+            ("cpu", "cuda", "meta"),
+            _ALL_FLOATS,
+            _always,
+            "rows sorted by expert, one GEMM chain per expert, plain PyTorch",
+        ),
+        Backend(
+            "triton",
+            "calgan_fast.ops.triton_impl",
+            ("cuda",),
+            _ALL_FLOATS,
+            _triton_available,
+            "fused Triton kernels (GPU; CPU tensors under TRITON_INTERPRET=1)",
+            interpreter=True,
+        ),
+        Backend(
+            "cuda",
+            "calgan_fast.ops.cpp_impl",
+            ("cuda",),
+            _ALL_FLOATS[:3],
+            _cuda_available,
+            "fused CUDA kernels of calgan_fast._C",
+        ),
+        Backend(
+            "cpu",
+            "calgan_fast.ops.cpp_impl",
+            ("cpu",),
+            _ALL_FLOATS,
+            _cpu_available,
+            "fused C++ kernel of calgan_fast._C (OpenMP, vectorised)",
+            keeps_xcov=True,
+        ),
     )
 }
 
@@ -161,8 +197,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
         return BACKENDS["torch"]
     if name not in BACKENDS:
         raise ValueError(
-            f"backend: unknown backend {backend!r}; choose one of "
-            f"{', '.join(['auto', *BACKENDS])}"
+            f"backend: unknown backend {backend!r}; choose one of {', '.join(['auto', *BACKENDS])}"
         )
     b = BACKENDS[name]
     ok, how = b.available()

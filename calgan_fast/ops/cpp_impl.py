@@ -22,8 +22,9 @@ def _ops():
     return torch.ops.calgan_fast_C
 
 
-def forward(x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-            b2: Tensor) -> Tensors7:
+def forward(
+    x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+) -> Tensors7:
     """Fused forward.
 
     Args:
@@ -40,9 +41,24 @@ def forward(x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor, w1: Tensor, b
     return tuple(_ops().routed_head_fwd(x, expert.long(), gate, proj, w1, b1, w2, b2))
 
 
-def backward(glogits: Tensor, gmean: Tensor, gvar: Tensor, x: Tensor, expert: Tensor, gate: Tensor,
-             proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, count: Tensor, mean: Tensor,
-             perm: Tensor, offsets: Tensor, xcov: Tensor) -> Tensors7:
+def backward(
+    glogits: Tensor,
+    gmean: Tensor,
+    gvar: Tensor,
+    x: Tensor,
+    expert: Tensor,
+    gate: Tensor,
+    proj: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    count: Tensor,
+    mean: Tensor,
+    perm: Tensor,
+    offsets: Tensor,
+    xcov: Tensor,
+) -> Tensors7:
     """Fused backward: ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the dtypes of the inputs.
 
     ``glogits (M,)``, ``gmean (N, c)``, ``gvar (N,)`` are the upstream gradients; ``count``,
@@ -50,8 +66,26 @@ def backward(glogits: Tensor, gmean: Tensor, gvar: Tensor, x: Tensor, expert: Te
     the hidden activations are recomputed from x, and the gradients of ``y`` are formed
     algebraically from x, the gate and per-expert statistics (docs/design.md §6).
     """
-    return tuple(_ops().routed_head_bwd(glogits, gmean, gvar, x, expert.long(), gate, proj, w1, b1, w2, b2,
-                                        count, mean, perm, offsets, xcov))
+    return tuple(
+        _ops().routed_head_bwd(
+            glogits,
+            gmean,
+            gvar,
+            x,
+            expert.long(),
+            gate,
+            proj,
+            w1,
+            b1,
+            w2,
+            b2,
+            count,
+            mean,
+            perm,
+            offsets,
+            xcov,
+        )
+    )
 
 
 def routing_metadata(expert: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -45,8 +45,14 @@ def _make_ops(name: str) -> tuple:
 
     @torch.library.custom_op(fwd_name, mutates_args=())
     def fwd(
-        x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor,
-        w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+        x: Tensor,
+        expert: Tensor,
+        gate: Tensor,
+        proj: Tensor,
+        w1: Tensor,
+        b1: Tensor,
+        w2: Tensor,
+        b2: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with _no_autocast(x.device):
             return tuple(BACKENDS[name].impl().forward(x, expert, gate, proj, w1, b1, w2, b2))
@@ -68,22 +74,58 @@ def _make_ops(name: str) -> tuple:
 
     @torch.library.custom_op(bwd_name, mutates_args=())
     def bwd(
-        glogits: Tensor, gmean: Tensor, gvar: Tensor, x: Tensor, expert: Tensor, gate: Tensor,
-        proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, count: Tensor,
-        mean: Tensor, perm: Tensor, offsets: Tensor, xcov: Tensor,
+        glogits: Tensor,
+        gmean: Tensor,
+        gvar: Tensor,
+        x: Tensor,
+        expert: Tensor,
+        gate: Tensor,
+        proj: Tensor,
+        w1: Tensor,
+        b1: Tensor,
+        w2: Tensor,
+        b2: Tensor,
+        count: Tensor,
+        mean: Tensor,
+        perm: Tensor,
+        offsets: Tensor,
+        xcov: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with _no_autocast(x.device):
-            return tuple(BACKENDS[name].impl().backward(
-                glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm,
-                offsets, xcov,
-            ))
+            return tuple(
+                BACKENDS[name]
+                .impl()
+                .backward(
+                    glogits,
+                    gmean,
+                    gvar,
+                    x,
+                    expert,
+                    gate,
+                    proj,
+                    w1,
+                    b1,
+                    w2,
+                    b2,
+                    count,
+                    mean,
+                    perm,
+                    offsets,
+                    xcov,
+                )
+            )
 
     @bwd.register_fake
-    def _bwd_fake(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean,
-                  perm, offsets, xcov):
+    def _bwd_fake(
+        glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, xcov
+    ):
         return (
-            x.new_empty(x.shape), gate.new_empty(gate.shape), proj.new_empty(proj.shape),
-            w1.new_empty(w1.shape), b1.new_empty(b1.shape), w2.new_empty(w2.shape),
+            x.new_empty(x.shape),
+            gate.new_empty(gate.shape),
+            proj.new_empty(proj.shape),
+            w1.new_empty(w1.shape),
+            b1.new_empty(b1.shape),
+            w2.new_empty(w2.shape),
             b2.new_empty(b2.shape),
         )
 
@@ -102,8 +144,22 @@ def _make_ops(name: str) -> tuple:
         if gvar is None:
             gvar = mean.new_zeros(mean.shape[0])
         dx, dgate, dproj, dw1, db1, dw2, db2 = bwd(
-            glogits.contiguous(), gmean.contiguous(), gvar.contiguous(), x, expert, gate, proj,
-            w1, b1, w2, b2, count, mean, perm, offsets, xcov,
+            glogits.contiguous(),
+            gmean.contiguous(),
+            gvar.contiguous(),
+            x,
+            expert,
+            gate,
+            proj,
+            w1,
+            b1,
+            w2,
+            b2,
+            count,
+            mean,
+            perm,
+            offsets,
+            xcov,
         )
         return dx, None, dgate, dproj, dw1, db1, dw2, db2
 
@@ -132,8 +188,16 @@ for _name, _backend in BACKENDS.items():
 
 def check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, *, check_range: bool = True):
     """Raise ``ValueError``/``TypeError`` naming the first bad argument of :func:`routed_head`."""
-    for nm, t in (("x", x), ("expert", expert), ("gate", gate), ("proj", proj), ("w1", w1),
-                  ("b1", b1), ("w2", w2), ("b2", b2)):
+    for nm, t in (
+        ("x", x),
+        ("expert", expert),
+        ("gate", gate),
+        ("proj", proj),
+        ("w1", w1),
+        ("b1", b1),
+        ("w2", w2),
+        ("b2", b2),
+    ):
         if not isinstance(t, Tensor):
             raise TypeError(f"{nm}: expected a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 2:
@@ -155,7 +219,13 @@ def check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, *, check_ran
     hdim = w1.shape[1]
     if hdim == 0:
         raise ValueError("w1: hdim = 0")
-    expected = {"b1": (num_experts, hdim), "w2": (num_experts, hdim), "b2": (num_experts,), "gate": (m,), "expert": (m,)}
+    expected = {
+        "b1": (num_experts, hdim),
+        "w2": (num_experts, hdim),
+        "b2": (num_experts,),
+        "gate": (m,),
+        "expert": (m,),
+    }
     for nm, t in (("b1", b1), ("w2", w2), ("b2", b2), ("gate", gate), ("expert", expert)):
         if tuple(t.shape) != expected[nm]:
             raise ValueError(f"{nm}: expected shape {expected[nm]}, got {tuple(t.shape)}")
@@ -164,15 +234,25 @@ def check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, *, check_ran
             raise TypeError(f"{nm}: expected a floating-point tensor, got {t.dtype}")
     if expert.dtype.is_floating_point or expert.dtype.is_complex or expert.dtype == torch.bool:
         raise TypeError(f"expert: expected an integer tensor, got {expert.dtype}")
-    for nm, t in (("expert", expert), ("gate", gate), ("proj", proj), ("w1", w1), ("b1", b1),
-                  ("w2", w2), ("b2", b2)):
+    for nm, t in (
+        ("expert", expert),
+        ("gate", gate),
+        ("proj", proj),
+        ("w1", w1),
+        ("b1", b1),
+        ("w2", w2),
+        ("b2", b2),
+    ):
         if t.device != x.device:
             raise ValueError(f"{nm}: on {t.device}, but x is on {x.device}")
     if check_range and x.device.type != "meta":
         lo, hi = torch.aminmax(expert)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= num_experts:
-            raise ValueError(f"expert: ids must lie in [0, {num_experts}) for {num_experts} experts, found range [{lo}, {hi}]")
+            raise ValueError(
+                f"expert: ids must lie in [0, {num_experts}) for {num_experts} experts, "
+                f"found range [{lo}, {hi}]"
+            )
 
 
 def routed_head(

@@ -8,7 +8,9 @@ from torch import Tensor
 from .backends import resolve_backend
 
 
-def routing_metadata(expert: Tensor, num_experts: int, *, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+def routing_metadata(
+    expert: Tensor, num_experts: int, *, backend: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(count (N,), offsets (N+1,), perm (M,))``, all int64, from top-1 expert ids ``(M,)``.
 
     A stable counting sort: rows of one expert keep their original order, so the result is
@@ -26,4 +28,3 @@ def routing_metadata(expert: Tensor, num_experts: int, *, backend: str = "auto")
         raise ValueError(f"expert: ids must lie in [0, {num_experts})")
     b = resolve_backend(backend, expert.device)
     return b.impl().routing_metadata(expert.long(), num_experts)
-

@@ -20,8 +20,9 @@ Tensors7 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 __all__ = ["backward", "forward", "routing_metadata"]
 
 
-def forward(x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
-            b2: Tensor) -> Tensors7:
+def forward(
+    x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+) -> Tensors7:
     """Returns ``(logits (M,) x.dtype, count (N,), mean (N, c), var (N,), perm (M,), offsets (N+1,),
     xcov (0,))``: the backward keeps nothing else of the forward, so ``xcov`` is empty."""
     m, c = x.shape
@@ -48,9 +49,24 @@ def forward(x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor, w1: Tensor, b
     return logits.to(x.dtype), count, mean, var, perm, offsets, mean.new_empty(0)
 
 
-def backward(glogits: Tensor, gmean: Tensor, gvar: Tensor, x: Tensor, expert: Tensor, gate: Tensor,
-             proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, count: Tensor, mean: Tensor,
-             perm: Tensor, offsets: Tensor, xcov: Tensor) -> Tensors7:
+def backward(
+    glogits: Tensor,
+    gmean: Tensor,
+    gvar: Tensor,
+    x: Tensor,
+    expert: Tensor,
+    gate: Tensor,
+    proj: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    count: Tensor,
+    mean: Tensor,
+    perm: Tensor,
+    offsets: Tensor,
+    xcov: Tensor,
+) -> Tensors7:
     """Gradients ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the dtypes of the inputs."""
     m, c = x.shape
     num_experts = proj.shape[0]
