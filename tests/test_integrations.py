@@ -327,7 +327,7 @@ def test_minimal_loop_trains():
     assert len(hist) == 3
     for row in hist:
         assert all(math.isfinite(v) for v in row.values()), row
-        assert 0.0 <= row["d_acc_real"] <= 1.0
+        assert 0.0 <= row["acc_d_real"] <= 1.0
     # Same seed, same start: the three steps moved both networks.
     assert _changed(_state(g0), _state(g)), "generator parameters did not change"
     for part in ("features.", "router.", "proj", "w1", "w2"):
