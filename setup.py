@@ -23,6 +23,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Compiler flags of the C++ sources, the same in CMakeLists.txt. -fno-trapping-math lets the compiler
+# if-convert (and so vectorise) the compares of the row loops; nothing reads floating-point flags.
+CXX_FLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
 
 
 def _flag(name: str) -> bool:
@@ -42,6 +45,19 @@ def _find_cuda_home() -> str | None:
     return home if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) else None
 
 
+def _refuse_isolated_torch(torch) -> None:
+    """Stops a build against a torch that pip (or ``python -m build``) put into a temporary, isolated
+    build environment: the extension would then not load with the torch that is installed."""
+    where = os.path.realpath(torch.__file__)
+    if any(mark in where for mark in ("pip-build-env-", "build-env-", "pip-req-build-")):
+        sys.exit(
+            f"calgan_fast: this is an isolated build, against torch {torch.__version__} from a temporary "
+            f"build environment ({os.path.dirname(where)}), not the torch installed where calgan_fast "
+            "will run; the extension would fail to load there.\n"
+            "  Use: pip install --no-build-isolation .   (or pip wheel --no-build-isolation ...)"
+        )
+
+
 def _extensions():
     if _flag("CALGAN_FAST_SKIP_EXT"):
         return [], {}
@@ -49,10 +65,12 @@ def _extensions():
         import torch
     except ImportError:
         sys.exit(
-            "calgan_fast: building the extension needs torch installed in the build environment.\n"
+            "calgan_fast: building the extension needs the torch it will run with, and this build "
+            "environment has none (pip's build isolation hides the installed torch).\n"
             "  Install torch first, then: pip install --no-build-isolation .\n"
-            "  (or run `bash install.sh`, which does both)"
+            "  (or run `bash install.sh`, which does both; CALGAN_FAST_SKIP_EXT=1 installs pure Python)"
         )
+    _refuse_isolated_torch(torch)
     cuda_home = _find_cuda_home()
     if cuda_home is not None:
         # Must be set before torch.utils.cpp_extension is imported: it reads it once.
@@ -79,10 +97,9 @@ def _extensions():
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"  # PTX: newer GPUs JIT-compile it
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # -fno-trapping-math lets the compiler if-convert (and so vectorise) the compares of the row
-    # loops; nothing here reads floating-point exception flags.
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]  # the C++ standard is the one torch asks for
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = list(CXX_FLAGS)  # the C++ standard is the one torch asks for
     define_macros = []
     extra_link = ["-fopenmp"]
     if with_cuda:
@@ -100,7 +117,8 @@ def _extensions():
             "calgan_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros, extra_compile_args={"cxx": cxx}, extra_link_args=extra_link,
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja_module())}
+    use_ninja = shutil.which("ninja") is not None or _has_ninja_module()
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=use_ninja)}
 
 
 def _has_ninja_module() -> bool:

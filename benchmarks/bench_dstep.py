@@ -1,4 +1,4 @@
-"""Discriminator-step benchmark (DESIGN §7): one full D step of the paper variant against the
+"""Discriminator-step benchmark (docs/design.md §7): one full D step of the paper variant against the
 authors'-code-compatible module, same N and num_feat.
 
 A step is: real pass, fake pass routed by the real routing, every loss, backward. The paper
@@ -59,8 +59,13 @@ def _make_step(variant: str):
             return official_discriminator_loss(d, hr, sr)["total"]
     else:
         backend = variant.split(":", 1)[1]
-        d = calgan_fast.CALGANDiscriminator(in_channels=3, num_feat=NUM_FEAT, num_experts=NUM_EXPERTS,
-                                            backend=backend).to(DEVICE).train()
+        d = (
+            calgan_fast.CALGANDiscriminator(
+                in_channels=3, num_feat=NUM_FEAT, num_experts=NUM_EXPERTS, backend=backend
+            )
+            .to(DEVICE)
+            .train()
+        )
 
         def loss_fn():
             return discriminator_loss(d, hr, sr)["total"]
@@ -114,8 +119,13 @@ def peak_memory_cpu_subprocess(variant: str) -> float:
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak", variant], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--peak", variant],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -125,14 +135,22 @@ def test_dstep(benchmark, variant):
     step()  # warm-up (and the lazy load of the kernels)
     benchmark.group = f"dstep {DEVICE} B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}"
     model, _, backend = variant.partition(":")
-    benchmark.extra_info.update({
-        # the keys benchmarks/report.py renders
-        "kind": "dstep", "model": "compat" if model == "official" else model, "backend": backend or "-",
-        "shape": f"B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}", "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "peak_mem_mb": round(peak_memory_mb(step) if DEVICE == "cuda" else peak_memory_cpu_subprocess(variant), 1),
-        "variant": variant, "device": DEVICE,
-    })
+    benchmark.extra_info.update(
+        {
+            # the keys benchmarks/report.py renders
+            "kind": "dstep",
+            "model": "compat" if model == "official" else model,
+            "backend": backend or "-",
+            "shape": f"B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "peak_mem_mb": round(
+                peak_memory_mb(step) if DEVICE == "cuda" else peak_memory_cpu_subprocess(variant), 1
+            ),
+            "variant": variant,
+            "device": DEVICE,
+        }
+    )
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 
@@ -144,11 +162,18 @@ def test_dstep_interleaved(benchmark):
     steps = {v: _make_step(v) for v in _variants()}
     benchmark.group = f"dstep interleaved {DEVICE} B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}"
     median, best = time_round_robin(benchmark, steps, ROUNDS)
-    benchmark.extra_info.update({
-        "kind": "dstep_interleaved", "shape": f"B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": DEVICE,
-        "rounds": ROUNDS, "median_ms": median, "best_ms": best,
-    })
+    benchmark.extra_info.update(
+        {
+            "kind": "dstep_interleaved",
+            "shape": f"B={B} {H}x{W} N={NUM_EXPERTS} nf={NUM_FEAT}",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": DEVICE,
+            "rounds": ROUNDS,
+            "median_ms": median,
+            "best_ms": best,
+        }
+    )
 
 
 if __name__ == "__main__":
@@ -158,4 +183,6 @@ if __name__ == "__main__":
         _step()
         print(peak_memory_mb(_step))
     else:
-        sys.exit("usage: python benchmarks/bench_dstep.py --peak VARIANT (the benchmark itself runs under pytest)")
+        sys.exit(
+            "usage: python benchmarks/bench_dstep.py --peak VARIANT (the benchmark itself runs under pytest)"
+        )

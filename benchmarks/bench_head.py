@@ -1,4 +1,4 @@
-"""Routed-head benchmarks (DESIGN §7): every available backend, ``reference`` and a same-shape
+"""Routed-head benchmarks (docs/design.md §7): every available backend, ``reference`` and a same-shape
 matmul (the speed of light), forward and forward+backward.
 
     pytest benchmarks/bench_head.py --benchmark-json=head.json
@@ -8,7 +8,7 @@ matmul (the speed of light), forward and forward+backward.
 round-robin in one test, for ratios that a drift of the machine's speed cannot move.
 
 Environment: ``CALGAN_BENCH_DEVICE`` (``cpu`` default, or ``cuda``), ``CALGAN_BENCH_DTYPE``
-(default fp32 on CPU, bf16 on CUDA), ``CALGAN_BENCH_FULL=1`` for every DESIGN §7 shape on CPU
+(default fp32 on CPU, bf16 on CUDA), ``CALGAN_BENCH_FULL=1`` for every docs/design.md §7 shape on CPU
 (the CPU default keeps c = 256 and M <= 16384 so a run takes minutes), ``CALGAN_BENCH_BACKENDS``
 (comma-separated subset), ``CALGAN_BENCH_INTERLEAVED_ROUNDS`` (15).
 """

@@ -125,7 +125,7 @@ for f in tests/test_gpu_large.py tests/test_triton.py tests/test_cuda_backend.py
     tail -n 3 "$OUT/$name.log"
 done
 
-# 5. The full head benchmark (DESIGN section 7 shapes) and its Markdown report.
+# 5. The full head benchmark (docs/design.md §7 shapes) and its Markdown report.
 if [[ -f benchmarks/bench_head.py ]]; then
     export CALGAN_BENCH_DEVICE=cuda
     # SIGINT on time-out: pytest then ends the session and pytest-benchmark still writes the JSON.
@@ -140,7 +140,7 @@ else
     STATUS=1
 fi
 
-# 6. The discriminator step (DESIGN section 7, GPU: B=24 at 256x256) against the compat module.
+# 6. The discriminator step (docs/design.md §7, GPU: B=24 at 256x256) against the compat module.
 if [[ -f benchmarks/bench_dstep.py ]]; then
     CALGAN_BENCH_DEVICE=cuda CALGAN_BENCH_ROUNDS=5 TIMEOUT_SIGNAL=INT stage bench_dstep 5 \
         "$PY" -m pytest -q benchmarks/bench_dstep.py -p no:cacheprovider \

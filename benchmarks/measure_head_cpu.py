@@ -5,7 +5,8 @@
 Times forward+backward of the routed head at M=16384, c=256, N=12, hdim=32, fp32 (the shape of the
 targets), the ``torch`` backend and a same-shape ``(M, c) x (c, c)`` fp32 matmul, interleaved round
 by round so that the load of a shared machine hits all of them alike, and prints the best time of
-each (and the medians' ratio), the speedup of ``cpu`` over ``torch`` and its share of the speed of light: useful FLOPs
+each (and the medians' ratio), the speedup of ``cpu`` over ``torch`` and its share of the speed of light:
+useful FLOPs
 ``3 (2 M c^2 + 2 M c hdim)`` at the matmul's GFLOP/s.
 """
 
@@ -67,16 +68,23 @@ def main() -> None:
     med = {k: statistics.median(t) for k, t in times.items()}
     mm_gflops = 2 * m * c * c / best["matmul"] / 1e9
     useful = 3 * (2 * m * c * c + 2 * m * c * hdim)
-    print(f"M={m} c={c} N={n} hdim={hdim} fp32, {args.threads} threads, best of {args.rounds}, torch {torch.__version__}")
+    print(
+        f"M={m} c={c} N={n} hdim={hdim} fp32, {args.threads} threads, best of {args.rounds}, "
+        f"torch {torch.__version__}"
+    )
     print(f"matmul (M,c)x(c,c): {best['matmul'] * 1e3:.1f} ms = {mm_gflops:.0f} GFLOP/s")
     for k in ("cpu", "torch"):
         if k in best:
             sol = useful / best[k] / 1e9 / mm_gflops
-            print(f"{k:6s} fwd+bwd: {best[k] * 1e3:.1f} ms = {useful / best[k] / 1e9:.0f} GFLOP/s useful, "
-                  f"{100 * sol:.0f} % of the speed of light")
+            print(
+                f"{k:6s} fwd+bwd: {best[k] * 1e3:.1f} ms = {useful / best[k] / 1e9:.0f} GFLOP/s useful, "
+                f"{100 * sol:.0f} % of the speed of light"
+            )
     if "cpu" in best and "torch" in best:
-        print(f"cpu vs torch: {best['torch'] / best['cpu']:.2f}x (best of each); medians "
-              f"{med['cpu'] * 1e3:.1f} vs {med['torch'] * 1e3:.1f} ms, {med['torch'] / med['cpu']:.2f}x")
+        print(
+            f"cpu vs torch: {best['torch'] / best['cpu']:.2f}x (best of each); medians "
+            f"{med['cpu'] * 1e3:.1f} vs {med['torch'] * 1e3:.1f} ms, {med['torch'] / med['cpu']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,15 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
+#: Set to 1 to build (setup.py) or run without the compiled extension ``calgan_fast._C``.
+SKIP_EXT_ENV = "CALGAN_FAST_SKIP_EXT"
+
+
+def skip_extension() -> bool:
+    """True when ``CALGAN_FAST_SKIP_EXT`` asks for the pure-Python path."""
+    return os.environ.get(SKIP_EXT_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 #: Folder for data calgan_fast writes for the user (the quick start's sample photos).
 HOME_ENV = "CALGAN_FAST_HOME"
 

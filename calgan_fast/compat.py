@@ -1,4 +1,4 @@
-"""The authors'-code-compatible discriminator and losses (DESIGN §5), plain PyTorch.
+"""The authors'-code-compatible discriminator and losses (docs/design.md §5), plain PyTorch.
 
 For users moving over from the official CAL-GAN repository, and as a second oracle: ``OfficialMOD``
 has the state_dict keys, shapes and forward outputs of the authors' ``MOD(num_in_ch, num_feat,
@@ -57,7 +57,7 @@ class _OrthoNet(nn.Module):
 
 
 class OfficialMOD(nn.Module):
-    """The authors' discriminator ``MOD`` (DESIGN §5).
+    """The authors' discriminator ``MOD`` (docs/design.md §5).
 
     ``forward(x, routing=None) -> (out (B, hw, 1), routing (B, hw, N), features (N-tuple of
     (B, hw, 4nf)), ortho_weight (N, 4nf))``; ``x`` is ``(B, num_in_ch, H, W)``, H and W multiples
@@ -101,7 +101,7 @@ class OfficialMOD(nn.Module):
 
 
 def official_d_losses(routing: Tensor, features, ortho_weight: Tensor) -> dict:
-    """The authors' extra discriminator losses (DESIGN §5) and their weighted sum ``total``.
+    """The authors' extra discriminator losses (docs/design.md §5) and their weighted sum ``total``.
 
     ``ortho``: mean of the squared cosine-similarity matrix of the rows of ``ortho_weight`` with a
     zeroed diagonal. ``lda``: ``Σ_{i<j} mean(f_i·f_j / (Σf_i · Σf_j + 1e-5)) + Σ_k var(f_k)``

@@ -1,4 +1,4 @@
-"""CAL-GAN losses (DESIGN §4): balancing, orthogonality, distribution, adversarial, perceptual."""
+"""CAL-GAN losses (docs/design.md §4): balancing, orthogonality, distribution, adversarial, perceptual."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 #: The paper's weights of L_D = λ_b L_b + λ_o L_o + λ_d L_dist + λ_dis L_dis.
-DEFAULT_WEIGHTS: dict[str, float] = {"balance": 0.05, "ortho": 10.0, "dist": 10.0, "adv": 1.0}
+DEFAULT_WEIGHTS: dict[str, float] = {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0}
 
 
 def resolve_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -131,12 +131,12 @@ def _unwrap(d: nn.Module) -> nn.Module:
 def discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, weights: Mapping[str, float] | None = None,
                        balance: str = "paper", gan_type: str = "relativistic",
                        real: DiscriminatorOutput | None = None) -> dict:
-    """The discriminator's loss of one (HR, SR) batch (DESIGN §4).
+    """The discriminator's loss of one (HR, SR) batch (docs/design.md §4).
 
     The real pass comes first; its routing (detached) routes the fake pass; ``sr`` is detached.
     Returns a dict of scalar tensors ``balance``, ``ortho``, ``dist``, ``dist_between``,
-    ``dist_within``, ``adv``, ``total`` (the weighted sum, differentiable), detached ``acc_real``
-    and ``acc_fake``, and ``routing``/``stats`` of the real pass (detached) for logging.
+    ``dist_within``, ``adv``, ``total`` (the weighted sum, differentiable), detached ``acc_d_real``
+    and ``acc_d_fake``, and ``routing``/``stats`` of the real pass (detached) for logging.
 
     ``real``: the output of ``D(hr, return_aux=True)`` computed with gradient by the caller (for
     example once per training step, shared with :func:`generator_adversarial_loss`); by default
@@ -150,12 +150,12 @@ def discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, weights: Mapping[st
     l_o = orthogonal_loss(_unwrap(D).proj)
     l_d, l_btw, l_wi = distribution_loss(real.stats, return_parts=True)
     l_adv = gan_loss(real.logits, fake.logits, gan_type, for_discriminator=True)
-    total = w["balance"] * l_b + w["ortho"] * l_o + w["dist"] * l_d + w["adv"] * l_adv
+    total = w["lambda_b"] * l_b + w["lambda_o"] * l_o + w["lambda_d"] * l_d + w["lambda_dis"] * l_adv
     acc_real, acc_fake = _accuracy(real.logits, fake.logits, gan_type)
     stats = ExpertStats(real.stats.count, real.stats.mean.detach(), real.stats.var.detach())
     return {
         "balance": l_b, "ortho": l_o, "dist": l_d, "dist_between": l_btw, "dist_within": l_wi,
-        "adv": l_adv, "total": total, "acc_real": acc_real, "acc_fake": acc_fake,
+        "adv": l_adv, "total": total, "acc_d_real": acc_real, "acc_d_fake": acc_fake,
         "routing": real.routing.detach(), "stats": stats,
     }
 

@@ -13,17 +13,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["routed_head_ref", "routing_metadata_ref", "LRELU_SLOPE"]
+__all__ = ["routed_head_ref", "routing_metadata_ref", "stat_dtype", "LRELU_SLOPE"]
 
 #: Negative slope of every LeakyReLU of the discriminator.
 LRELU_SLOPE = 0.2
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the statistics and accumulations for inputs of ``dtype``: fp64 for fp64, else fp32.
+
+    Every backend computes ``mean``/``var`` (and accumulates its GEMMs) in it."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def routing_metadata_ref(expert: torch.Tensor, num_experts: int):
+def routing_metadata_ref(
+    expert: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(count (N,) int64, offsets (N+1,) int64, perm (M,) int64)`` of a top-1 routing.
 
     ``perm`` lists the rows grouped by expert, in their original order inside each group
@@ -46,10 +51,8 @@ def routed_head_ref(
     b1: torch.Tensor,
     w2: torch.Tensor,
     b2: torch.Tensor,
-    *,
-    backend: str = "reference",
-):
-    """Dense, masked reference of the routed head (DESIGN §3).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense, masked reference of the routed head (docs/design.md §3).
 
     Args:
         x: ``(M, c)`` pixel rows. expert: ``(M,)`` expert id per row. gate: ``(M,)``.
@@ -59,17 +62,16 @@ def routed_head_ref(
         ``logits (M,)`` (fp32, or fp64 for fp64 inputs), ``count (N,)`` int64, ``mean (N, c)`` and
         ``var (N,)`` in the same dtype; all computed in fp64.
     """
-    del backend
-    out_dt = _out_dtype(x.dtype)
+    out_dt = stat_dtype(x.dtype)
     dt = torch.float64
     x, gate, proj, w1, b1, w2, b2 = (t.to(dt) for t in (x, gate, proj, w1, b1, w2, b2))
-    n_exp, c = proj.shape[0], proj.shape[1]
+    num_experts, c = proj.shape[0], proj.shape[1]
     expert = expert.long()
     # Every expert on every pixel: (M, N, c) -> (M, N, hdim) -> (M, N).
     y_all = gate[:, None, None] * torch.einsum("mc,ndc->mnd", x, proj)
     z_all = F.leaky_relu(torch.einsum("mnd,nhd->mnh", y_all, w1) + b1[None], LRELU_SLOPE)
     s_all = torch.einsum("mnh,nh->mn", z_all, w2) + b2[None]
-    onehot = F.one_hot(expert, n_exp).to(dt)  # (M, N)
+    onehot = F.one_hot(expert, num_experts).to(dt)  # (M, N)
     logits = (s_all * onehot).sum(1)
     y = (y_all * onehot[:, :, None]).sum(1)  # (M, c): each row projected by its own expert
     count = onehot.sum(0)

@@ -1,7 +1,7 @@
 // Per-row and per-tile math of the routed head shared by the CPU (csrc/cpu) and CUDA (csrc/cuda)
 // kernels, so that the CPU tests exercise the code the GPU epilogues run.
 //
-// Notation (DESIGN §3): row p routed to expert e with gate g;
+// Notation (docs/design.md §3): row p routed to expert e with gate g;
 //   y = g * O[e] x,  h = W1[e] y + b1[e],  z = lrelu(h, 0.2),  logit = w2[e] . z + b2[e];
 // per expert i over its n_i rows: mean_i = mean of y (c-vector),
 //   var_i = (1 / (n_i c)) * sum_rows sum_channels (y - mean_i)^2.

@@ -12,9 +12,9 @@ from torch import nn
 
 import calgan_fast as cf
 
-D_WEIGHTS = {"balance": 0.05, "ortho": 10.0, "dist": 10.0, "adv": 1.0}  # the paper's λ_b, λ_o, λ_d, λ_dis
+D_WEIGHTS = {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0}  # the paper's λ values
 L1_W, GAN_W = 0.01, 0.005  # λ_r, λ_g (λ_p = 1 when --vgg is given)
-LOGGED = ("total", "adv", "balance", "ortho", "dist", "acc_real", "acc_fake")
+LOGGED = ("total", "adv", "balance", "ortho", "dist", "acc_d_real", "acc_d_fake")  # losses as l_d_<name>
 
 
 class TinySR(nn.Module):
@@ -63,7 +63,7 @@ def main(steps=100, batch_size=4, size=64, experts=12, device="cpu", vgg=None, s
         opt_d.zero_grad(set_to_none=True)
         d["total"].backward()
         opt_d.step()
-        history.append({"g": l_g.item(), **{f"d_{k}": d[k].item() for k in LOGGED}})
+        history.append({"l_g_total": l_g.item(), **{(k if k[:3] == "acc" else f"l_d_{k}"): d[k].item() for k in LOGGED}})
         if log_every and (step % log_every == 0 or step == steps):
             print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in history[-1].items()), flush=True)
     return G, D, history

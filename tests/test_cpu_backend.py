@@ -7,15 +7,12 @@ import torch
 
 import calgan_fast
 from calgan_fast.ops.backends import BACKENDS, resolve_backend
-from calgan_fast.ops.routed_head import backend_ops
-from calgan_fast.reference import routed_head_ref, routing_metadata_ref
 from tests.utils import (
-    BASE_CASES,
-    FLOAT_ARGS,
     OUTPUT_NAMES,
     TOL,
     as_leaves,
     assert_close_to_ref,
+    assert_matches_reference,
     case_id,
     expert_ids,
     make_inputs,
@@ -25,48 +22,32 @@ from tests.utils import (
 _ok, _why = BACKENDS["cpu"].available()
 pytestmark = pytest.mark.skipif(not _ok, reason=f"cpu backend not built: {_why}")
 
-# BASE_CASES plus the benchmark's c and N, and the scatter-matrix route by bands.
-CASES = [
-    *BASE_CASES,
+# The cpu kernel's own routes (the generic cases are in test_routed_head.py): the benchmark's c and
+# N, and the scatter-matrix route by bands.
+ROUTE_CASES = [
     (700, 256, 12, 32, "random"),
     (700, 130, 2, 16, "random"),  # many rows per expert: the scatter-matrix route, bands of 64 + 2
     (1200, 256, 3, 32, "random"),  # the scatter-matrix route at the benchmark's c
     (3000, 40, 4, 5, "random"),  # with 2 threads: experts in parallel, q in chunks of rows
+    (333, 130, 4, 16, "empty_and_single"),  # c >= 128 with an odd split
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_matches_reference(case, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", ROUTE_CASES, ids=case_id)
+def test_routes_match_reference(case, dtype):
     m, c, n, h, kind = case
     inputs = make_inputs(m, c, n, h, dtype=dtype, expert=expert_ids(kind, m, n), requires_grad=True)
-    out, grads = run_head(inputs, "cpu")
-    out_pt, grads_pt = run_head(as_leaves(inputs, dtype), "torch")
-    out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
-    assert out[0].dtype == dtype and out[2].dtype == torch.float32 and out[3].dtype == torch.float32
-    assert torch.equal(out[1], out_ref[1]), "count"
-    for i, name in enumerate(OUTPUT_NAMES):
-        a, r, p = (out + grads)[i], (out_ref + grads_ref)[i], (out_pt + grads_pt)[i]
-        if name == "count":
-            continue
-        assert a.dtype == p.dtype, f"{name}: dtype {a.dtype}, torch backend gives {p.dtype}"
-        assert_close_to_ref(name, a, r, p, dtype)
-
-
-@pytest.mark.parametrize("case", CASES[:6], ids=case_id)
-def test_fp64_matches_reference(case):
-    m, c, n, h, kind = case
-    inputs = make_inputs(m, c, n, h, dtype=torch.float64, expert=expert_ids(kind, m, n), requires_grad=True)
-    out, grads = run_head(inputs, "cpu")
-    out_ref, grads_ref = run_head(as_leaves(inputs, torch.float64), "reference")
-    rtol, atol = TOL[torch.float64]
-    for name, a, r in zip(OUTPUT_NAMES, out + grads, out_ref + grads_ref):
-        torch.testing.assert_close(a, r, rtol=rtol, atol=atol, msg=lambda s, nm=name: f"{nm}: {s}")
+    assert_matches_reference(inputs, "cpu")
 
 
 # (M, c) with N = 3: experts of about M/3 rows take the scatter-matrix route when 5 n >= 4 c; the
 # kernels gather an expert's rows minus the mean of up to 128 of them (all of them below 129 rows).
-ROUTES = {"textbook-route": (60, 130), "textbook-route-over-128-rows": (540, 256), "scatter-route": (900, 130)}
+ROUTES = {
+    "textbook-route": (60, 130),
+    "textbook-route-over-128-rows": (540, 256),
+    "scatter-route": (900, 130),
+}
 
 
 def shift_rows(n: int) -> set[int]:
@@ -107,7 +88,7 @@ def test_zero_gates(route):
 
 
 def test_statistics_of_tiny_experts():
-    # Expert 0 empty, 1 with one row, 2 with two rows: mean/var exactly as DESIGN §2 defines them.
+    # Expert 0 empty, 1 with one row, 2 with two rows: mean/var exactly as docs/design.md §2 defines them.
     x, _, gate, proj, w1, b1, w2, b2 = make_inputs(3, 8, 3, 2, dtype=torch.float64)
     expert = torch.tensor([2, 1, 2])
     out = calgan_fast.routed_head(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu")
@@ -127,11 +108,20 @@ def test_statistics_stable_with_large_offset(spread):
     m, c = 4096, 16
     x = (torch.randn(m, c, dtype=torch.float64) * spread + 1e3).float().double()  # exact in fp32
     eye = torch.eye(c, dtype=torch.float64)[None]
-    args = (x, torch.zeros(m, dtype=torch.long), torch.ones(m, dtype=torch.float64), eye,
-            torch.zeros(1, 2, c, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64),
-            torch.zeros(1, 2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    args = (
+        x,
+        torch.zeros(m, dtype=torch.long),
+        torch.ones(m, dtype=torch.float64),
+        eye,
+        torch.zeros(1, 2, c, dtype=torch.float64),
+        torch.zeros(1, 2, dtype=torch.float64),
+        torch.zeros(1, 2, dtype=torch.float64),
+        torch.zeros(1, dtype=torch.float64),
+    )
     var64 = calgan_fast.routed_head(*args, backend="cpu").var
-    var32 = calgan_fast.routed_head(*(a.float() if a.is_floating_point() else a for a in args), backend="cpu").var
+    var32 = calgan_fast.routed_head(
+        *(a.float() if a.is_floating_point() else a for a in args), backend="cpu"
+    ).var
     torch.testing.assert_close(var64, x.var(0, unbiased=False).mean()[None], rtol=1e-9, atol=0)
     torch.testing.assert_close(var32.double(), var64, rtol=1e-3, atol=0)
 
@@ -142,13 +132,16 @@ def test_variance_gradient_stable_with_large_offset(route):
     the kernels form it from rows shifted by an estimate of their mean, so fp32 keeps about the
     digits of the spread (the dx GEMM on uncentred rows gives 3e-5 on the scatter route here)."""
     m, c = ROUTES[route]
-    x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(m, c, 3, dtype=torch.float64, seed=11, gate_random=False)
+    x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(
+        m, c, 3, dtype=torch.float64, seed=11, gate_random=False
+    )
     x = (x + 100.0).float().double()  # exact in fp32
 
     def var_grads(dtype):
         leaves = [t.to(dtype).requires_grad_(True) for t in (x, gate, proj)]
-        out = calgan_fast.routed_head(leaves[0], expert, leaves[1], leaves[2], *(t.to(dtype) for t in (w1, b1, w2, b2)),
-                                      backend="cpu")
+        out = calgan_fast.routed_head(
+            leaves[0], expert, leaves[1], leaves[2], *(t.to(dtype) for t in (w1, b1, w2, b2)), backend="cpu"
+        )
         out.var.sum().backward()
         return [t.grad.double() for t in leaves]
 
@@ -180,7 +173,12 @@ def test_rows_that_drift_within_an_expert():
 
 
 # Experts of the first route have under 129 rows, all of them sampled for the shift.
-NAN_CASES = [(r, w) for r in ROUTES for w in ("sampled-row", "unsampled-row") if (r, w) != ("textbook-route", "unsampled-row")]
+NAN_CASES = [
+    (r, w)
+    for r in ROUTES
+    for w in ("sampled-row", "unsampled-row")
+    if (r, w) != ("textbook-route", "unsampled-row")
+]
 
 
 @pytest.mark.parametrize(("route", "where"), NAN_CASES, ids=lambda v: v)
@@ -201,54 +199,6 @@ def test_nan_stays_in_its_row_and_expert(route, where):
     assert torch.isnan(out.logits[row]) and torch.isfinite(out.logits[torch.arange(m) != row]).all()
     assert torch.isnan(out.mean[1]).any() and torch.isnan(out.var[1])
     assert torch.isfinite(out.mean[[0, 2]]).all() and torch.isfinite(out.var[[0, 2]]).all()
-
-
-def test_non_contiguous_x():
-    c, hh, ww, n = 24, 9, 11, 5
-    feat = torch.randn(c, hh, ww, dtype=torch.float32)
-    x = feat.view(c, hh * ww).t()  # an NCHW map (B = 1) viewed as rows: strides (1, H*W)
-    assert not x.is_contiguous()
-    _, expert, gate, proj, w1, b1, w2, b2 = make_inputs(hh * ww, c, n)
-    x.requires_grad_(True)
-    for t in (gate, proj, w1, b1, w2, b2):
-        t.requires_grad_(True)
-    inputs = [x, expert, gate, proj, w1, b1, w2, b2]
-    out, grads = run_head(inputs, "cpu")
-    out_c, grads_c = run_head(as_leaves([x.contiguous(), *inputs[1:]], torch.float32), "cpu")
-    for a, b in zip(out + grads, out_c + grads_c):
-        assert torch.equal(a, b)
-    # A column-sliced view too.
-    big = torch.randn(hh * ww, 2 * c)
-    xs = big[:, ::2]
-    o1 = calgan_fast.routed_head(xs, expert, gate, proj, w1, b1, w2, b2, backend="cpu")
-    o2 = calgan_fast.routed_head(xs.contiguous(), expert, gate, proj, w1, b1, w2, b2, backend="cpu")
-    assert all(torch.equal(a, b) for a, b in zip(o1, o2))
-
-
-def test_gradcheck_fp64():
-    inputs = make_inputs(37, 12, 4, 5, dtype=torch.float64, expert=expert_ids("empty_and_single", 37, 4),
-                         requires_grad=True)
-    expert = inputs[1]
-
-    def f(x, gate, proj, w1, b1, w2, b2):
-        out = calgan_fast.routed_head(x, expert, gate, proj, w1, b1, w2, b2, backend="cpu")
-        return out.logits, out.mean, out.var
-
-    floats = tuple(inputs[i] for i in FLOAT_ARGS)
-    assert torch.autograd.gradcheck(f, floats, fast_mode=True)
-    # The full Jacobian once, on a tiny problem (one expert empty, one with a single row).
-    small = make_inputs(9, 5, 3, 2, dtype=torch.float64, expert=torch.tensor([0, 2, 2, 0, 2, 2, 0, 2, 1]),
-                        requires_grad=True)
-    expert = small[1]
-    assert torch.autograd.gradcheck(f, tuple(small[i] for i in FLOAT_ARGS), check_batched_grad=False)
-
-
-def test_double_backward_fails_loudly():
-    inputs = make_inputs(20, 8, 2, dtype=torch.float64, requires_grad=True)
-    out = calgan_fast.routed_head(*inputs, backend="cpu")
-    (gx,) = torch.autograd.grad(out.logits.sum(), inputs[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        gx.sum().backward()
 
 
 def _all_outputs(inputs):
@@ -310,13 +260,7 @@ def test_parallel_experts_with_chunked_q(case, dtype, threads):
             assert_close_to_ref(name, a, r, t, dtype)
 
 
-def test_routing_metadata_op():
-    for m, n in ((1, 1), (100, 7), (1000, 13)):
-        expert = torch.randint(0, n, (m,))
-        got = torch.ops.calgan_fast_C.routing_metadata(expert, n)
-        want = routing_metadata_ref(expert, n)
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+def test_raw_routing_op_rejects_bad_ids():
     with pytest.raises(RuntimeError, match="expert"):
         torch.ops.calgan_fast_C.routing_metadata(torch.tensor([0, 3]), 3)
 
@@ -351,7 +295,7 @@ def test_bad_input_raw_op_names_argument(index, bad, match):
     args = _raw_args()
     args[index] = bad
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+        torch.ops.calgan_fast_C.routed_head_fwd(*args)
 
 
 def test_bad_input_public_api():
@@ -364,26 +308,30 @@ def test_bad_input_public_api():
 def test_bad_backward_args_name_argument():
     args = _raw_args()
     x, expert, gate, proj, w1, b1, w2, b2 = args
-    _, count, mean, _, perm, offsets, xcov = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+    _, count, mean, _, perm, offsets, xcov = torch.ops.calgan_fast_C.routed_head_fwd(*args)
     good = [torch.randn(10), torch.randn(3, 8), torch.randn(3), *args, count, mean, perm, offsets, xcov]
-    torch.ops.calgan_fast_C.routed_head_bwd_cpu(*good)
-    for index, bad, match in ((0, torch.randn(9), "glogits"), (1, torch.randn(3, 7), "gmean"),
-                              (2, torch.randn(4), "gvar"), (14, torch.zeros(3, dtype=torch.long), "offsets"),
-                              (15, torch.zeros(3, 8, 7), "xcov")):
+    torch.ops.calgan_fast_C.routed_head_bwd(*good)
+    for index, bad, match in (
+        (0, torch.randn(9), "glogits"),
+        (1, torch.randn(3, 7), "gmean"),
+        (2, torch.randn(4), "gvar"),
+        (14, torch.zeros(3, dtype=torch.long), "offsets"),
+        (15, torch.zeros(3, 8, 7), "xcov"),
+    ):
         args_bad = list(good)
         args_bad[index] = bad
         with pytest.raises(RuntimeError, match=match):
-            torch.ops.calgan_fast_C.routed_head_bwd_cpu(*args_bad)
+            torch.ops.calgan_fast_C.routed_head_bwd(*args_bad)
 
 
 def test_bad_routing_metadata_in_backward_raises():
     # Direct calls with inconsistent metadata must raise, not write out of bounds.
     args = _raw_args()
-    _, count, mean, _, perm, offsets, xcov = torch.ops.calgan_fast_C.routed_head_fwd_cpu(*args)
+    _, count, mean, _, perm, offsets, xcov = torch.ops.calgan_fast_C.routed_head_fwd(*args)
     grads = [torch.randn(10), torch.randn(3, 8), torch.randn(3)]
 
     def call(count=count, perm=perm, offsets=offsets):
-        return torch.ops.calgan_fast_C.routed_head_bwd_cpu(*grads, *args, count, mean, perm, offsets, xcov)
+        return torch.ops.calgan_fast_C.routed_head_bwd(*grads, *args, count, mean, perm, offsets, xcov)
 
     call()
     bad_perm = perm.clone()
@@ -399,33 +347,3 @@ def test_bad_routing_metadata_in_backward_raises():
         call(offsets=non_mono, count=torch.tensor([6, -3, 7]))
     with pytest.raises(RuntimeError, match="count"):
         call(count=count + torch.tensor([1, -1, 0]))
-
-
-def test_opcheck():
-    fwd, bwd = backend_ops("cpu")
-    for dtype in (torch.float32, torch.float64):
-        inputs = make_inputs(50, 12, 4, 3, dtype=dtype, expert=expert_ids("empty_and_single", 50, 4),
-                             requires_grad=True)
-        torch.library.opcheck(fwd, tuple(inputs))
-        _, count, mean, _, perm, offsets, aux = fwd(*inputs)
-        sd = mean.dtype
-        grads = (torch.randn(50, dtype=dtype), torch.randn(4, 12, dtype=sd), torch.randn(4, dtype=sd))
-        bwd_args = tuple(t.detach() for t in (*grads, *inputs, count, mean, perm, offsets, aux))
-        torch.library.opcheck(bwd, bwd_args)
-
-
-def test_reference_agrees_with_ref_function():
-    # The public reference path and routed_head_ref are one function: guard the test's oracle.
-    inputs = make_inputs(64, 16, 3, dtype=torch.float64)
-    a = calgan_fast.routed_head(*inputs, backend="reference")
-    b = routed_head_ref(*inputs)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-
-
-def test_autocast_does_not_recast_the_kernel():
-    # Under CPU autocast the kernel keeps its own precisions (fp32 accumulation for fp32 inputs).
-    inputs = make_inputs(600, 64, 6, 8, requires_grad=True)
-    plain = _all_outputs(inputs)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = _all_outputs(as_leaves(inputs, torch.float32))
-    assert all(torch.equal(a, b) for a, b in zip(plain, auto))

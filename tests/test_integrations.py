@@ -122,7 +122,7 @@ def test_options_from_yaml_section():
     from calgan_fast.integrations.basicsr import CALGANOptions
 
     opts = CALGANOptions.from_train_opt(_load_example()["train"])
-    assert opts.d_weights() == {"balance": 0.05, "ortho": 10.0, "dist": 10.0, "adv": 1.0}
+    assert opts.d_weights() == {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0}
     assert (opts.gen_weight, opts.balance_mode, opts.gan) == (0.005, "paper", "relativistic")
     assert CALGANOptions.from_train_opt({}) == CALGANOptions()
     with pytest.raises(ValueError, match="calgan_opt: unknown keys"):
@@ -327,7 +327,7 @@ def test_minimal_loop_trains():
     assert len(hist) == 3
     for row in hist:
         assert all(math.isfinite(v) for v in row.values()), row
-        assert 0.0 <= row["d_acc_real"] <= 1.0
+        assert 0.0 <= row["acc_d_real"] <= 1.0
     # Same seed, same start: the three steps moved both networks.
     assert _changed(_state(g0), _state(g)), "generator parameters did not change"
     for part in ("features.", "router.", "proj", "w1", "w2"):

@@ -99,9 +99,9 @@ def test_relativistic_gradients_detach_the_opposite_pass():
 
 def test_resolve_weights():
     assert resolve_weights(None) == DEFAULT_WEIGHTS
-    assert resolve_weights({"dist": 0.1})["dist"] == 0.1
+    assert resolve_weights({"lambda_d": 0.1})["lambda_d"] == 0.1
     with pytest.raises(ValueError, match="unknown keys"):
-        resolve_weights({"distt": 0.1})
+        resolve_weights({"lambda_dd": 0.1})
 
 
 def _d():
@@ -112,14 +112,15 @@ def _d():
 def test_discriminator_loss_total_and_order():
     D = _d()
     hr, sr = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16, requires_grad=True)
-    w = {"balance": 0.5, "ortho": 2.0, "dist": 0.1, "adv": 1.5}
+    w = {"lambda_b": 0.5, "lambda_o": 2.0, "lambda_d": 0.1, "lambda_dis": 1.5}
     out = discriminator_loss(D, hr, sr, weights=w)
-    expected = sum(w[k] * out[k] for k in w)
+    terms = {"lambda_b": "balance", "lambda_o": "ortho", "lambda_d": "dist", "lambda_dis": "adv"}
+    expected = sum(w[k] * out[terms[k]] for k in w)
     torch.testing.assert_close(out["total"], expected)
     out["total"].backward()
     assert sr.grad is None  # sr is detached
     assert D.proj.grad is not None and D.router.weight.grad is not None
-    assert 0 <= out["acc_real"] <= 1 and 0 <= out["acc_fake"] <= 1
+    assert 0 <= out["acc_d_real"] <= 1 and 0 <= out["acc_d_fake"] <= 1
     assert not out["routing"].gate.requires_grad
 
 

@@ -241,7 +241,7 @@ def test_plain_losses_train_only_what_they_should(D):
     l_g.backward()
     assert sr.grad.abs().sum() > 0 and all(p.grad is None for p in D.parameters())
     d = plain_discriminator_loss(D, hr, sr, real=real)
-    assert set(d) == {"adv", "total", "acc_real", "acc_fake"}
+    assert set(d) == {"adv", "total", "acc_d_real", "acc_d_fake"}
     d["total"].backward()
     assert all(p.grad is not None for p in D.parameters() if p.requires_grad)
     # Real passes move the running statistics, fake passes do not.

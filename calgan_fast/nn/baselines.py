@@ -168,7 +168,7 @@ def build_discriminator(spec: Mapping, gt_size: int | None = None) -> nn.Module:
 
 def plain_discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str = "relativistic",
                              real: Tensor | None = None) -> dict:
-    """The standard GAN loss of D on one (HR, SR) batch: ``adv`` (= ``total``), ``acc_real``, ``acc_fake``.
+    """The standard GAN loss of D on one (HR, SR) batch: ``adv`` (= ``total``), ``acc_d_real``, ``acc_d_fake``.
 
     ``real``: D's logits of ``hr`` computed with gradient by the caller (one real pass per step);
     by default computed here. ``sr`` is detached; its pass leaves BatchNorm running statistics alone.
@@ -181,7 +181,7 @@ def plain_discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str
         fake = D(sr.detach())
     adv = gan_loss(real, fake, gan_type, for_discriminator=True)
     acc_real, acc_fake = _accuracy(real, fake, gan_type)
-    return {"adv": adv, "total": adv, "acc_real": acc_real, "acc_fake": acc_fake}
+    return {"adv": adv, "total": adv, "acc_d_real": acc_real, "acc_d_fake": acc_fake}
 
 
 def plain_generator_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str = "relativistic",

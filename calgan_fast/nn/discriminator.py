@@ -1,4 +1,4 @@
-"""The CAL-GAN content-aware local discriminator (DESIGN §2), with the fused routed head."""
+"""The CAL-GAN content-aware local discriminator (docs/design.md §2), with the fused routed head."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class Routing:
 
 
 class ExpertStats(NamedTuple):
-    """Per-expert statistics of the projected features y over the batch (DESIGN §2)."""
+    """Per-expert statistics of the projected features y over the batch (docs/design.md §2)."""
 
     count: Tensor  # (N,) int64
     mean: Tensor  # (N, c) fp32
@@ -210,7 +210,7 @@ def calibrate_bn(module: nn.Module, batches) -> nn.Module:
 
 
 class CALGANDiscriminator(nn.Module):
-    """CAL-GAN discriminator: feature extractor, router, N routed experts (DESIGN §2).
+    """CAL-GAN discriminator: feature extractor, router, N routed experts (docs/design.md §2).
 
     Args:
         in_channels: image channels (3).
@@ -269,8 +269,8 @@ class CALGANDiscriminator(nn.Module):
     def reset_head(self) -> None:
         """Orthogonal experts with unit Frobenius norm (so ``psi(O) psi(O)^T ≈ I_N`` from the
         start), Kaiming-uniform classifiers."""
-        n, c, _ = self.proj.shape
-        for i in range(n):
+        num_experts, c, _ = self.proj.shape
+        for i in range(num_experts):
             nn.init.orthogonal_(self.proj[i])
         self.proj.div_(c**0.5)
         for i in range(self.w1.shape[0]):
@@ -282,10 +282,10 @@ class CALGANDiscriminator(nn.Module):
 
     def head_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(proj, w1, b1, w2, b2)`` with the classifier expanded to N experts when shared."""
-        n = self.num_experts
+        num_experts = self.num_experts
         w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
-        if w1.shape[0] != n:
-            w1, b1, w2, b2 = (t.expand(n, *t.shape[1:]) for t in (w1, b1, w2, b2))
+        if w1.shape[0] != num_experts:
+            w1, b1, w2, b2 = (t.expand(num_experts, *t.shape[1:]) for t in (w1, b1, w2, b2))
         return self.proj, w1, b1, w2, b2
 
     def _check_input(self, x: Tensor) -> None:

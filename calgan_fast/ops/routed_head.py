@@ -4,8 +4,8 @@ Every fast backend is exposed as two custom ops with one schema,
 ``calgan_fast::routed_head_fwd_<backend>`` and ``calgan_fast::routed_head_bwd_<backend>``, with
 fake (meta) implementations so that ``torch.library.opcheck`` passes and ``torch.compile`` can
 trace models that use them. Autograd saves the inputs, the routing metadata, the expert means and
-the backend's ``aux`` per-expert statistics (the ``(N, c, c)`` cross-covariances of ``y`` and the gated rows
-for ``cpu``, nothing for the others), and calls the backward op, which recomputes what it needs of
+the backend's ``xcov`` per-expert statistics (the ``(N, c, c)`` cross-covariances of ``y`` and the
+gated rows for ``cpu``, nothing for the others), and calls the backward op, which recomputes what it needs of
 the forward (``y`` and ``z`` in the ``torch`` and ``triton`` backends; ``z`` and an algebraic form
 of ``y`` in ``cpu``/``cuda``). The backward op itself has no autograd formula: a double backward
 (an R1 penalty through D) raises instead of being wrong.
@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..reference import routed_head_ref
+from ..reference import stat_dtype
 from .backends import BACKENDS, resolve_backend
 
 __all__ = ["routed_head", "RoutedHeadOutput", "check_routed_head_inputs", "backend_ops"]
@@ -33,72 +33,110 @@ class RoutedHeadOutput(NamedTuple):
     var: Tensor  # (N,) fp32 (fp64 for fp64 inputs)
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _no_autocast(device: torch.device):
     """The kernels choose their own precisions (fp32 accumulation): autocast must not recast
     the matmuls of the ``torch`` backend or the reference when a model runs under AMP."""
     return torch.autocast(device_type=device.type if device.type in ("cpu", "cuda") else "cpu", enabled=False)
 
 
-def _make_ops(name: str):
+def _make_ops(name: str) -> tuple:
     fwd_name = f"calgan_fast::routed_head_fwd_{name}"
     bwd_name = f"calgan_fast::routed_head_bwd_{name}"
 
     @torch.library.custom_op(fwd_name, mutates_args=())
     def fwd(
-        x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor,
-        w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+        x: Tensor,
+        expert: Tensor,
+        gate: Tensor,
+        proj: Tensor,
+        w1: Tensor,
+        b1: Tensor,
+        w2: Tensor,
+        b2: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with _no_autocast(x.device):
-            return tuple(BACKENDS[name].impl().forward(x, expert, gate, proj, w1, b1, w2, b2, backend=name))
+            return tuple(BACKENDS[name].impl().forward(x, expert, gate, proj, w1, b1, w2, b2))
 
     @fwd.register_fake
     def _fwd_fake(x, expert, gate, proj, w1, b1, w2, b2):
         m, c = x.shape
-        n = proj.shape[0]
-        sd = _stat_dtype(x.dtype)
+        num_experts = proj.shape[0]
+        sd = stat_dtype(x.dtype)
         return (
             x.new_empty(m),
-            x.new_empty(n, dtype=torch.long),
-            x.new_empty(n, c, dtype=sd),
-            x.new_empty(n, dtype=sd),
+            x.new_empty(num_experts, dtype=torch.long),
+            x.new_empty(num_experts, c, dtype=sd),
+            x.new_empty(num_experts, dtype=sd),
             x.new_empty(m, dtype=torch.long),
-            x.new_empty(n + 1, dtype=torch.long),
-            x.new_empty(BACKENDS[name].aux_shape(c, n), dtype=sd),
+            x.new_empty(num_experts + 1, dtype=torch.long),
+            x.new_empty(BACKENDS[name].xcov_shape(c, num_experts), dtype=sd),
         )
 
     @torch.library.custom_op(bwd_name, mutates_args=())
     def bwd(
-        glogits: Tensor, gmean: Tensor, gvar: Tensor, x: Tensor, expert: Tensor, gate: Tensor,
-        proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, count: Tensor,
-        mean: Tensor, perm: Tensor, offsets: Tensor, aux: Tensor,
+        glogits: Tensor,
+        gmean: Tensor,
+        gvar: Tensor,
+        x: Tensor,
+        expert: Tensor,
+        gate: Tensor,
+        proj: Tensor,
+        w1: Tensor,
+        b1: Tensor,
+        w2: Tensor,
+        b2: Tensor,
+        count: Tensor,
+        mean: Tensor,
+        perm: Tensor,
+        offsets: Tensor,
+        xcov: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with _no_autocast(x.device):
-            return tuple(BACKENDS[name].impl().backward(
-                glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm,
-                offsets, aux, backend=name,
-            ))
+            return tuple(
+                BACKENDS[name]
+                .impl()
+                .backward(
+                    glogits,
+                    gmean,
+                    gvar,
+                    x,
+                    expert,
+                    gate,
+                    proj,
+                    w1,
+                    b1,
+                    w2,
+                    b2,
+                    count,
+                    mean,
+                    perm,
+                    offsets,
+                    xcov,
+                )
+            )
 
     @bwd.register_fake
-    def _bwd_fake(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean,
-                  perm, offsets, aux):
+    def _bwd_fake(
+        glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, xcov
+    ):
         return (
-            x.new_empty(x.shape), gate.new_empty(gate.shape), proj.new_empty(proj.shape),
-            w1.new_empty(w1.shape), b1.new_empty(b1.shape), w2.new_empty(w2.shape),
+            x.new_empty(x.shape),
+            gate.new_empty(gate.shape),
+            proj.new_empty(proj.shape),
+            w1.new_empty(w1.shape),
+            b1.new_empty(b1.shape),
+            w2.new_empty(w2.shape),
             b2.new_empty(b2.shape),
         )
 
     def setup_context(ctx, inputs, output):
         x, expert, gate, proj, w1, b1, w2, b2 = inputs
-        _, count, mean, _, perm, offsets, aux = output
-        ctx.mark_non_differentiable(aux)  # per-expert statistics for the backward, not a result
-        ctx.save_for_backward(x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, aux)
+        _, count, mean, _, perm, offsets, xcov = output
+        ctx.mark_non_differentiable(xcov)  # per-expert statistics for the backward, not a result
+        ctx.save_for_backward(x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, xcov)
 
-    def backward(ctx, glogits, _gcount, gmean, gvar, _gperm, _goffsets, _gaux):
-        x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, aux = ctx.saved_tensors
+    def backward(ctx, glogits, _gcount, gmean, gvar, _gperm, _goffsets, _gxcov):
+        x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets, xcov = ctx.saved_tensors
         if glogits is None:
             glogits = x.new_zeros(x.shape[0])
         if gmean is None:
@@ -106,8 +144,22 @@ def _make_ops(name: str):
         if gvar is None:
             gvar = mean.new_zeros(mean.shape[0])
         dx, dgate, dproj, dw1, db1, dw2, db2 = bwd(
-            glogits.contiguous(), gmean.contiguous(), gvar.contiguous(), x, expert, gate, proj,
-            w1, b1, w2, b2, count, mean, perm, offsets, aux,
+            glogits.contiguous(),
+            gmean.contiguous(),
+            gvar.contiguous(),
+            x,
+            expert,
+            gate,
+            proj,
+            w1,
+            b1,
+            w2,
+            b2,
+            count,
+            mean,
+            perm,
+            offsets,
+            xcov,
         )
         return dx, None, dgate, dproj, dw1, db1, dw2, db2
 
@@ -118,9 +170,9 @@ def _make_ops(name: str):
 _OPS: dict[str, tuple] = {}
 
 
-def backend_ops(name: str):
-    """``(fwd, bwd)`` custom ops of backend ``name`` (not ``reference``), defined on first use."""
-    if name == "reference" or name not in BACKENDS:
+def backend_ops(name: str) -> tuple:
+    """``(fwd, bwd)`` custom ops of the fused backend ``name``, defined on first use."""
+    if name not in BACKENDS or not BACKENDS[name].fused:
         raise ValueError(f"backend: {name!r} has no custom ops")
     if name not in _OPS:
         _OPS[name] = _make_ops(name)
@@ -129,8 +181,8 @@ def backend_ops(name: str):
 
 # Define every backend's ops at import so that they exist for torch.compile and opcheck;
 # the implementations (and Triton, the extension) still load only when first called.
-for _name in BACKENDS:
-    if _name != "reference":
+for _name, _backend in BACKENDS.items():
+    if _backend.fused:
         backend_ops(_name)
 
 
@@ -160,8 +212,16 @@ def _check_expert_range(expert: Tensor, n: int) -> None:
 
 def check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, *, check_range: bool = True):
     """Raise ``ValueError``/``TypeError`` naming the first bad argument of :func:`routed_head`."""
-    for nm, t in (("x", x), ("expert", expert), ("gate", gate), ("proj", proj), ("w1", w1),
-                  ("b1", b1), ("w2", w2), ("b2", b2)):
+    for nm, t in (
+        ("x", x),
+        ("expert", expert),
+        ("gate", gate),
+        ("proj", proj),
+        ("w1", w1),
+        ("b1", b1),
+        ("w2", w2),
+        ("b2", b2),
+    ):
         if not isinstance(t, Tensor):
             raise TypeError(f"{nm}: expected a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 2:
@@ -175,15 +235,21 @@ def check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, *, check_ran
         raise TypeError(f"x: expected a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
     if proj.dim() != 3 or proj.shape[1] != c or proj.shape[2] != c:
         raise ValueError(f"proj: expected shape (N, {c}, {c}) for x of {c} channels, got {tuple(proj.shape)}")
-    n = proj.shape[0]
-    if n == 0:
+    num_experts = proj.shape[0]
+    if num_experts == 0:
         raise ValueError("proj: N = 0 experts")
-    if w1.dim() != 3 or w1.shape[0] != n or w1.shape[2] != c:
-        raise ValueError(f"w1: expected shape ({n}, hdim, {c}), got {tuple(w1.shape)}")
+    if w1.dim() != 3 or w1.shape[0] != num_experts or w1.shape[2] != c:
+        raise ValueError(f"w1: expected shape ({num_experts}, hdim, {c}), got {tuple(w1.shape)}")
     hdim = w1.shape[1]
     if hdim == 0:
         raise ValueError("w1: hdim = 0")
-    expected = {"b1": (n, hdim), "w2": (n, hdim), "b2": (n,), "gate": (m,), "expert": (m,)}
+    expected = {
+        "b1": (num_experts, hdim),
+        "w2": (num_experts, hdim),
+        "b2": (num_experts,),
+        "gate": (m,),
+        "expert": (m,),
+    }
     for nm, t in (("b1", b1), ("w2", w2), ("b2", b2), ("gate", gate), ("expert", expert)):
         if tuple(t.shape) != expected[nm]:
             raise ValueError(f"{nm}: expected shape {expected[nm]}, got {tuple(t.shape)}")
@@ -192,12 +258,19 @@ def check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, *, check_ran
             raise TypeError(f"{nm}: expected a floating-point tensor, got {t.dtype}")
     if expert.dtype.is_floating_point or expert.dtype.is_complex or expert.dtype == torch.bool:
         raise TypeError(f"expert: expected an integer tensor, got {expert.dtype}")
-    for nm, t in (("expert", expert), ("gate", gate), ("proj", proj), ("w1", w1), ("b1", b1),
-                  ("w2", w2), ("b2", b2)):
+    for nm, t in (
+        ("expert", expert),
+        ("gate", gate),
+        ("proj", proj),
+        ("w1", w1),
+        ("b1", b1),
+        ("w2", w2),
+        ("b2", b2),
+    ):
         if t.device != x.device:
             raise ValueError(f"{nm}: on {t.device}, but x is on {x.device}")
     if check_range:
-        _check_expert_range(expert, n)
+        _check_expert_range(expert, num_experts)
 
 
 def routed_head(
@@ -213,7 +286,7 @@ def routed_head(
     backend: str = "auto",
     check_range: bool = True,
 ) -> RoutedHeadOutput:
-    """The CAL-GAN routed head (DESIGN §3), computed only for each pixel's own expert.
+    """The CAL-GAN routed head (docs/design.md §3), computed only for each pixel's own expert.
 
     Per row ``p`` with ``e = expert[p]``: ``y = gate[p] * proj[e] @ x[p]``,
     ``z = leaky_relu(w1[e] @ y + b1[e], 0.2)``, ``logits[p] = w2[e] · z + b2[e]``; and per expert
@@ -241,10 +314,10 @@ def routed_head(
     check_routed_head_inputs(x, expert, gate, proj, w1, b1, w2, b2, check_range=False)
     expert = _expert_ids(expert, proj.shape[0], bool(check_range))
     b = resolve_backend(backend, x.device, x.dtype)
-    if b.name == "reference":
+    if not b.fused:
         with _no_autocast(x.device):
-            logits, count, mean, var = routed_head_ref(x, expert, gate, proj, w1, b1, w2, b2)
-        sd = _stat_dtype(x.dtype)
+            logits, count, mean, var = b.impl().head(x, expert, gate, proj, w1, b1, w2, b2)
+        sd = stat_dtype(x.dtype)
         return RoutedHeadOutput(logits.to(x.dtype), count, mean.to(sd), var.to(sd))
     dt = x.dtype
     gate, proj, w1, b1, w2, b2 = (t if t.dtype == dt else t.to(dt) for t in (gate, proj, w1, b1, w2, b2))

@@ -10,36 +10,40 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from ..reference import LRELU_SLOPE, routing_metadata_ref
+from ..reference import LRELU_SLOPE, stat_dtype
+from ..reference import routing_metadata_ref as routing_metadata
+
+Tensors7 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+__all__ = ["backward", "forward", "routing_metadata"]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _centred(w):
+def _centred(w: Tensor) -> Tensor:
     """``w`` minus its column means, in two passes: the second removes what rounding the first
     mean left (an error of the order of ``w``'s ulp, not of its spread)."""
     w = w - w.mean(0, keepdim=True)
     return w.sub_(w.mean(0, keepdim=True))
 
 
-def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="torch"):
+def forward(
+    x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+) -> Tensors7:
     """Returns ``(logits (M,) x.dtype, count (N,), mean (N, c), var (N,), perm (M,), offsets (N+1,),
-    aux (0,))``: the backward keeps nothing else of the forward, so ``aux`` is empty."""
+    xcov (0,))``: the backward keeps nothing else of the forward, so ``xcov`` is empty."""
     m, c = x.shape
-    n_exp = proj.shape[0]
-    acc = _acc_dtype(x.dtype)
+    num_experts = proj.shape[0]
+    acc = stat_dtype(x.dtype)
     # An id out of range (possible with check_range=False) is clamped, never used as an index.
-    count, offsets, perm = routing_metadata_ref(expert.clamp(0, n_exp - 1), n_exp)
+    count, offsets, perm = routing_metadata(expert.clamp(0, num_experts - 1), num_experts)
     xs = x.index_select(0, perm).to(acc)  # rows in expert order
     gs = gate.index_select(0, perm).to(acc)
     logits_s = torch.empty(m, dtype=acc, device=x.device)
-    mean = torch.zeros(n_exp, c, dtype=acc, device=x.device)
-    var = torch.zeros(n_exp, dtype=acc, device=x.device)
+    mean = torch.zeros(num_experts, c, dtype=acc, device=x.device)
+    var = torch.zeros(num_experts, dtype=acc, device=x.device)
     bounds = offsets.tolist()
-    for e in range(n_exp):
+    for e in range(num_experts):
         lo, hi = bounds[e], bounds[e + 1]
         if lo == hi:
             continue
@@ -54,12 +58,28 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="torch"):
     return logits.to(x.dtype), count, mean, var, perm, offsets, mean.new_empty(0)
 
 
-def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets,
-             aux=None, backend="torch"):
+def backward(
+    glogits: Tensor,
+    gmean: Tensor,
+    gvar: Tensor,
+    x: Tensor,
+    expert: Tensor,
+    gate: Tensor,
+    proj: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    count: Tensor,
+    mean: Tensor,
+    perm: Tensor,
+    offsets: Tensor,
+    xcov: Tensor,
+) -> Tensors7:
     """Gradients ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the dtypes of the inputs."""
     m, c = x.shape
-    n_exp = proj.shape[0]
-    acc = _acc_dtype(x.dtype)
+    num_experts = proj.shape[0]
+    acc = stat_dtype(x.dtype)
     dev = x.device
     xs = x.index_select(0, perm).to(acc)
     gs = gate.index_select(0, perm).to(acc)
@@ -74,10 +94,10 @@ def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count,
     dw2 = torch.zeros(w2.shape, dtype=acc, device=dev)
     db2 = torch.zeros(b2.shape, dtype=acc, device=dev)
     bounds = offsets.tolist()
-    for e in range(n_exp):
+    for e in range(num_experts):
         lo, hi = bounds[e], bounds[e + 1]
-        n = hi - lo
-        if n == 0:
+        rows = hi - lo
+        if rows == 0:
             continue
         xe, ge, gl = xs[lo:hi], gs[lo:hi, None], gls[lo:hi]
         o_e = proj[e].to(acc)
@@ -92,15 +112,15 @@ def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count,
         dh = slope.mul_(gl[:, None]).mul_(w2[e].to(acc))
         torch.mm(dh.t(), y, out=dw1[e])
         db1[e] = dh.sum(0)
-        # Statistics: d mean_e / d y_p = 1/n; d var_e / d y_p = 2 (y_p - mean_e) / (n c). With the
+        # Statistics: d mean_e / d y_p = 1/count_e; d var_e / d y_p = 2 (y_p - mean_e) / (count_e c). With the
         # gated rows w_p = gate_p x_p centred, y_p - mean_e = proj_e (w_p - mean w) =: yc_p is formed
         # without cancellation, and the variance's share of d proj_e, k sum_p yc_p w_p^T, equals
         # k yc^T (w - mean w) (the yc_p sum to zero): a cross-covariance, never a difference of
         # large sums.
-        k = gvar[e] * 2.0 / (n * c)
+        k = gvar[e] * 2.0 / (rows * c)
         wc = _centred(xe * ge)
         yc = torch.mm(wc, o_e.t())
-        dy_rest = torch.addmm(gmean[e] / n, dh, w1_e)
+        dy_rest = torch.addmm(gmean[e] / rows, dh, w1_e)
         dy = dy_rest + k * yc
         torch.linalg.vecdot(dy, u, out=dgs[lo:hi])
         torch.mm(dy_rest.mul_(ge).t(), xe, out=dproj[e])

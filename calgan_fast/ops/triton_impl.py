@@ -11,6 +11,7 @@ import contextlib
 import sys
 
 import torch
+from torch import Tensor
 
 from .. import _env
 from .._kernels import load_kernels
@@ -21,7 +22,9 @@ def _kernels():
     k = load_kernels()
     if k.INTERPRET != _env.triton_interpret():
         # Triton fixes the mode when a kernel is defined: define the kernels again.
-        for name in [n for n in sys.modules if n == "calgan_fast.kernels" or n.startswith("calgan_fast.kernels.")]:
+        for name in [
+            n for n in sys.modules if n == "calgan_fast.kernels" or n.startswith("calgan_fast.kernels.")
+        ]:
             del sys.modules[name]
         k = load_kernels()
     if k.INTERPRET and not _stdlib_interpreted():
@@ -47,11 +50,15 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="triton"):
+Tensors7 = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def forward(
+    x: Tensor, expert: Tensor, gate: Tensor, proj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor
+) -> Tensors7:
     """Fused forward. Returns ``(logits (M,) x.dtype, count (N,) int64, mean (N, c), var (N,),
-    perm (M,) int64, offsets (N+1,) int64, aux (0,))``; statistics fp32 (fp64 for fp64 inputs).
-    The backward keeps nothing else of the forward: ``aux`` is empty."""
-    del backend
+    perm (M,) int64, offsets (N+1,) int64, xcov (0,))``; statistics fp32 (fp64 for fp64 inputs).
+    The backward keeps nothing else of the forward: ``xcov`` is empty."""
     k = _kernels()
     dt = x.dtype
     cd = _compute_dtype(k, dt)
@@ -64,10 +71,26 @@ def forward(x, expert, gate, proj, w1, b1, w2, b2, backend="triton"):
     return logits.to(dt), count, mean, var, perm, offsets, mean.new_empty(0)
 
 
-def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count, mean, perm, offsets,
-             aux, backend="triton"):
-    """Fused backward. Returns ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the inputs' dtypes."""
-    del backend, expert, count, aux
+def backward(
+    glogits: Tensor,
+    gmean: Tensor,
+    gvar: Tensor,
+    x: Tensor,
+    expert: Tensor,
+    gate: Tensor,
+    proj: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    count: Tensor,
+    mean: Tensor,
+    perm: Tensor,
+    offsets: Tensor,
+    xcov: Tensor,
+) -> Tensors7:
+    """Fused backward. Returns ``(dx, dgate, dproj, dw1, db1, dw2, db2)`` in the inputs' dtypes
+    (``expert``, ``count`` and the empty ``xcov`` are not needed: perm and offsets hold the routing)."""
     k = _kernels()
     dtypes = [t.dtype for t in (x, gate, proj, w1, b1, w2, b2)]
     cd = _compute_dtype(k, x.dtype)
@@ -76,6 +99,27 @@ def backward(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count,
     glogits = glogits.to(cd).contiguous()
     gate, proj, w1, b1, w2, b2 = (t.to(cd).contiguous() for t in (gate, proj, w1, b1, w2, b2))
     with _device_ctx(x):
-        grads = k.routed_head_bwd(glogits, gmean, gvar, x, gate, proj, w1, b1, w2, b2,
-                                  mean.contiguous(), perm.contiguous(), offsets.contiguous())
+        grads = k.routed_head_bwd(
+            glogits,
+            gmean,
+            gvar,
+            x,
+            gate,
+            proj,
+            w1,
+            b1,
+            w2,
+            b2,
+            mean.contiguous(),
+            perm.contiguous(),
+            offsets.contiguous(),
+        )
     return tuple(g.to(d) for g, d in zip(grads, dtypes))
+
+
+def routing_metadata(expert: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(count (N,), offsets (N+1,), perm (M,))`` int64 from the Triton routing kernels."""
+    k = _kernels()
+    with _device_ctx(expert):
+        count, offsets, perm = k.routing_metadata(expert.to(torch.int64).contiguous(), num_experts)[:3]
+    return count, offsets, perm

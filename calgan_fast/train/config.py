@@ -23,7 +23,7 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the file."""
 
 
-#: Every key a configuration may hold, with its default (the paper's setting, DESIGN §8).
+#: Every key a configuration may hold, with its default (the paper's setting, docs/design.md §8).
 DEFAULTS: dict[str, Any] = {
     "name": "calgan",
     "model_type": "CALGANModel",

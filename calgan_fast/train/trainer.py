@@ -460,11 +460,10 @@ class Trainer:
         logs.update(l_pix=l_pix.detach(), l_gen=l_gen.detach(), l_g_total=l_g.detach())
         # Discriminator.
         do = tr["d_opt"]
-        weights = {"balance": do["lambda_b"], "ortho": do["lambda_o"], "dist": do["lambda_d"],
-                   "adv": do["lambda_dis"]}
+        weights = {k: do[k] for k in ("lambda_b", "lambda_o", "lambda_d", "lambda_dis")}
         if self.d_routed and self.net_d.num_experts == 1:
             # N = 1 is the standard GAN configuration: one classifier, no routing losses.
-            weights.update(balance=0.0, ortho=0.0, dist=0.0)
+            weights.update(lambda_b=0.0, lambda_o=0.0, lambda_d=0.0)
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast():
             if self.d_routed:
@@ -480,9 +479,10 @@ class Trainer:
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
         self.sched_d.step()
-        for k in ("balance", "ortho", "dist", "adv", "total", "acc_real", "acc_fake"):
+        for k in ("balance", "ortho", "dist", "adv", "total"):
             if k in d:
                 logs[f"d_{k}"] = d[k].detach()
+        logs["d_acc_real"], logs["d_acc_fake"] = d["acc_d_real"].detach(), d["acc_d_fake"].detach()
         if not self.d_routed:
             return logs
         # Usage as the routing maps show it: each pixel's most probable expert (the Gumbel-sampled

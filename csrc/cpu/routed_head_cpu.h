@@ -1,5 +1,5 @@
 // The raw CPU kernels of the routed head (no autograd), callable from C++ (csrc/tests) and
-// registered as torch.ops.calgan_fast_C.{routing_metadata,routed_head_fwd_cpu,routed_head_bwd_cpu}.
+// registered for the CPU key of torch.ops.calgan_fast_C.{routing_metadata,routed_head_fwd,routed_head_bwd}.
 #pragma once
 
 #include <ATen/ATen.h>

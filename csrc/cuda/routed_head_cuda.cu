@@ -542,18 +542,20 @@ std::vector<Tensor> routed_head_bwd_cuda(const Tensor& glogits, const Tensor& gm
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_op(
+// The schema of the cpu backend: the cuda kernels keep no per-expert statistic for the backward,
+// so their xcov output is empty and the backward ignores it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_op(
     const at::Tensor& x, const at::Tensor& expert, const at::Tensor& gate, const at::Tensor& proj,
     const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
   auto o = calgan_fast::cuda::routed_head_fwd_cuda(x, expert, gate, proj, w1, b1, w2, b2);
-  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[2].new_empty({0})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_op(
     const at::Tensor& glogits, const at::Tensor& gmean, const at::Tensor& gvar, const at::Tensor& x,
     const at::Tensor& expert, const at::Tensor& gate, const at::Tensor& proj, const at::Tensor& w1,
     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& count, const at::Tensor& mean,
-    const at::Tensor& perm, const at::Tensor& offsets) {
+    const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& /*xcov*/) {
   auto o = calgan_fast::cuda::routed_head_bwd_cuda(glogits, gmean, gvar, x, expert, gate, proj, w1, b1, w2, b2, count,
                                                    mean, perm, offsets);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
@@ -563,6 +565,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_IMPL(calgan_fast_C, CUDA, m) {
   m.impl("routing_metadata", &calgan_fast::cuda::routing_metadata_cuda);
-  m.impl("routed_head_fwd_cuda", &fwd_op);
-  m.impl("routed_head_bwd_cuda", &bwd_op);
+  m.impl("routed_head_fwd", &fwd_op);
+  m.impl("routed_head_bwd", &bwd_op);
 }

@@ -1,4 +1,4 @@
-// The CPU kernels of the routed head against a naive loop written straight from DESIGN §2-3
+// The CPU kernels of the routed head against a naive loop written straight from docs/design.md §2-3
 // (the textbook chain rule per row, in double), run by ctest. Exits non-zero on a mismatch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -6,7 +6,7 @@ Importing this module registers, in BasicSR's registries:
   :class:`calgan_fast.CALGANDiscriminator` under a name no BasicSR arch uses. Use it as
   ``network_d: {type: CALGANFastDiscriminator, num_feat: 64, num_experts: 12}``.
 - ``MODEL_REGISTRY["CALGANModel"]``: :class:`CALGANModel`, BasicSR's ``SRGANModel`` with the
-  CAL-GAN generator and discriminator steps (DESIGN §4), configured by ``train: calgan_opt:``.
+  CAL-GAN generator and discriminator steps (docs/design.md §4), configured by ``train: calgan_opt:``.
 
 Run BasicSR's own training loop with both registered::
 
@@ -123,12 +123,12 @@ class CALGANOptions:
 
     def d_weights(self) -> dict[str, float]:
         """The weights in the form :func:`calgan_fast.losses.discriminator_loss` takes."""
-        return {"balance": self.balance_weight, "ortho": self.ortho_weight, "dist": self.dist_weight,
-                "adv": self.adv_weight}
+        return {"lambda_b": self.balance_weight, "lambda_o": self.ortho_weight, "lambda_d": self.dist_weight,
+                "lambda_dis": self.adv_weight}
 
 
 class CALGANModel(SRGANModel):
-    """BasicSR's ``SRGANModel`` trained the CAL-GAN way (DESIGN §4).
+    """BasicSR's ``SRGANModel`` trained the CAL-GAN way (docs/design.md §4).
 
     Generator step (every ``net_d_iters`` iterations after ``net_d_init_iters``, as in BasicSR):
     ``pixel_opt`` and ``perceptual_opt`` losses as configured, plus ``gen_weight · L_gen`` where D
@@ -203,8 +203,8 @@ class CALGANModel(SRGANModel):
         loss_dict["l_d_total"] = d["total"].detach()
         for key in ("adv", "balance", "ortho", "dist"):
             loss_dict[f"l_d_{key}"] = d[key].detach()
-        loss_dict["acc_d_real"] = d["acc_real"]
-        loss_dict["acc_d_fake"] = d["acc_fake"]
+        loss_dict["acc_d_real"] = d["acc_d_real"]
+        loss_dict["acc_d_fake"] = d["acc_d_fake"]
         loss_dict["d_experts_used"] = (d["stats"].count > 0).sum().float()
 
         self.log_dict = self.reduce_loss_dict(loss_dict)
