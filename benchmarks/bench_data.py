@@ -45,8 +45,14 @@ def _photos(folder: Path, n: int, h: int, w: int) -> None:
 
 
 def _rate(ds, batch: int, batches: int, workers: int, seed: int = 0) -> float:
-    loader = DataLoader(ds, batch_size=batch, sampler=TrainSampler(len(ds), seed=seed), num_workers=workers,
-                        drop_last=True, persistent_workers=workers > 0)
+    loader = DataLoader(
+        ds,
+        batch_size=batch,
+        sampler=TrainSampler(len(ds), seed=seed),
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
     it = iter(loader)
     next(it)  # warm-up: worker start, first decodes
     t0 = time.perf_counter()
@@ -80,14 +86,21 @@ def main() -> None:
         cases = {
             "hr_folder": HRFolderDataset(root / "hr", 4, args.gt_size),
             "paired": PairedFolderDataset(root / "hr", root / "lr", 4, args.gt_size),
-            "sub_images": PairedFolderDataset(root / "prep" / "HR_sub", root / "prep" / "LR_bicubic_sub" / "X4",
-                                              4, args.gt_size),
+            "sub_images": PairedFolderDataset(
+                root / "prep" / "HR_sub", root / "prep" / "LR_bicubic_sub" / "X4", 4, args.gt_size
+            ),
         }
         for name, ds in cases.items():
             for workers in (0, args.workers):
                 rate = _rate(ds, args.batch, args.batches, workers)
-                results.append({"case": name, "workers": workers, "samples_per_s": round(rate, 1),
-                                "dataset_images": len(ds)})
+                results.append(
+                    {
+                        "case": name,
+                        "workers": workers,
+                        "samples_per_s": round(rate, 1),
+                        "dataset_images": len(ds),
+                    }
+                )
                 print(f"{name:11s} workers={workers}  {rate:7.1f} samples/s")
         import cv2
 
@@ -98,14 +111,30 @@ def main() -> None:
         for b in bufs:
             cv2.imdecode(b, cv2.IMREAD_UNCHANGED)
         t2 = time.perf_counter()
-        split = {"files": len(subs), "read_bytes_ms": round(1e3 * (t1 - t0) / len(subs), 3),
-                 "decode_ms": round(1e3 * (t2 - t1) / len(subs), 3)}
+        split = {
+            "files": len(subs),
+            "read_bytes_ms": round(1e3 * (t1 - t0) / len(subs), 3),
+            "decode_ms": round(1e3 * (t2 - t1) / len(subs), 3),
+        }
         print(f"sub-image file: read {split['read_bytes_ms']} ms, decode {split['decode_ms']} ms")
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version(), "torch": torch.__version__},
-              "settings": {"images": args.images, "size": [h, w], "batch": args.batch,
-                           "batches": args.batches, "gt_size": args.gt_size, "scale": 4},
-              "results": results, "sub_image_file": split}
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "settings": {
+            "images": args.images,
+            "size": [h, w],
+            "batch": args.batch,
+            "batches": args.batches,
+            "gt_size": args.gt_size,
+            "scale": 4,
+        },
+        "results": results,
+        "sub_image_file": split,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -52,15 +52,57 @@ class Launch:
 
 
 def _types(dtype: str) -> dict:
-    types = {"perm_ptr": "*i64", "offsets_ptr": "*i64", "expert_ptr": "*i64", "count_ptr": "*i64",
-             "seg_off_ptr": "*i64", "off_a_ptr": "*i64", "off_b_ptr": "*i64", "tile_off_ptr": "*i64",
-             "blk_count_ptr": "*i32", "blk_base_ptr": "*i32"}
-    for nm in ("tile_sum", "tile_m2", "gmean", "gvar", "mean", "var", "cls_part", "proj_part", "part", "out",
-               "dh", "g_sum", "g_m2", "d_part"):
+    types = {
+        "perm_ptr": "*i64",
+        "offsets_ptr": "*i64",
+        "expert_ptr": "*i64",
+        "count_ptr": "*i64",
+        "seg_off_ptr": "*i64",
+        "off_a_ptr": "*i64",
+        "off_b_ptr": "*i64",
+        "tile_off_ptr": "*i64",
+        "blk_count_ptr": "*i32",
+        "blk_base_ptr": "*i32",
+    }
+    for nm in (
+        "tile_sum",
+        "tile_m2",
+        "gmean",
+        "gvar",
+        "mean",
+        "var",
+        "cls_part",
+        "proj_part",
+        "part",
+        "out",
+        "dh",
+        "g_sum",
+        "g_m2",
+        "d_part",
+    ):
         types[nm + "_ptr"] = "*fp32"
-    for nm in ("tile_expert", "tile_start", "tile_stop", "slab_expert", "slab_start", "slab_stop",
-               "seg_expert", "seg_start", "seg_stop", "exp_a", "start_a", "stop_a", "exp_b", "start_b",
-               "stop_b", "grp_expert", "grp_start", "grp_stop", "g_start", "g_stop"):
+    for nm in (
+        "tile_expert",
+        "tile_start",
+        "tile_stop",
+        "slab_expert",
+        "slab_start",
+        "slab_stop",
+        "seg_expert",
+        "seg_start",
+        "seg_stop",
+        "exp_a",
+        "start_a",
+        "stop_a",
+        "exp_b",
+        "start_b",
+        "stop_b",
+        "grp_expert",
+        "grp_start",
+        "grp_stop",
+        "g_start",
+        "g_stop",
+    ):
         types[nm + "_ptr"] = "*i32"
     return types
 
@@ -93,52 +135,166 @@ def launches(k, m: int, c: int, n: int, dtype: str) -> list[Launch]:
     rows_opts = {"num_warps": ROWS_WARPS}
     lc = 2 * h + 1
     out = [
-        Launch("fwd", "routing_hist", ro._routing_hist_kernel, {"BLOCK": HIST_BLOCK(), "NP": np_}, rows_opts, nb,
-               8 * m + 4 * nb * np_, 0),
-        Launch("fwd", "routing_scan", ro._routing_scan_kernel,
-               {"SEG_BLOCK": ro._SEG_BLOCK, "CHUNK": ro._scan_chunk(), "NP": np_}, {}, 1,
-               8 * nb * np_ + 16 * t, 0),
-        Launch("fwd", "routing_scatter", ro._routing_scatter_kernel, {"BLOCK": HIST_BLOCK(), "NP": np_}, rows_opts,
-               nb, 24 * m + 4 * nb * np_, 0),
+        Launch(
+            "fwd",
+            "routing_hist",
+            ro._routing_hist_kernel,
+            {"BLOCK": HIST_BLOCK(), "NP": np_},
+            rows_opts,
+            nb,
+            8 * m + 4 * nb * np_,
+            0,
+        ),
+        Launch(
+            "fwd",
+            "routing_scan",
+            ro._routing_scan_kernel,
+            {"SEG_BLOCK": ro._SEG_BLOCK, "CHUNK": ro._scan_chunk(), "NP": np_},
+            {},
+            1,
+            8 * nb * np_ + 16 * t,
+            0,
+        ),
+        Launch(
+            "fwd",
+            "routing_scatter",
+            ro._routing_scatter_kernel,
+            {"BLOCK": HIST_BLOCK(), "NP": np_},
+            rows_opts,
+            nb,
+            24 * m + 4 * nb * np_,
+            0,
+        ),
         # Bytes: what must cross DRAM at least (x and every scratch once per pass, the weights once:
         # tiles re-read x blocks and the expert's weights from L2). FLOPs: including recomputation.
-        Launch("fwd", "fwd", rh._routed_head_fwd_kernel, dict(head), opts, t,
-               m * c * es + n * (c * c + h * c) * es + m * (8 + 3 * es) + 4 * tt * (c + 1),
-               2 * m * c * c + 2 * m * c * h),
+        Launch(
+            "fwd",
+            "fwd",
+            rh._routed_head_fwd_kernel,
+            dict(head),
+            opts,
+            t,
+            m * c * es + n * (c * c + h * c) * es + m * (8 + 3 * es) + 4 * tt * (c + 1),
+            2 * m * c * c + 2 * m * c * h,
+        ),
     ]
     grp = ro.merge_group()
     gt = triton.cdiv(t, grp) + n
     out += [
-        Launch("fwd", "segment_map (groups)", ro._segment_map_kernel, {"BLOCK": ro._SEG_BLOCK, "NP": np_}, {},
-               triton.cdiv(gt, ro._SEG_BLOCK), 16 * gt, 0),
-        Launch("fwd", "stats_group", rh._stats_group_kernel, {"BLOCK_C": cfg.block_c}, {}, gt, 4 * tt * (c + 3), 0),
-        Launch("fwd", "expert_stats", rh._expert_stats_kernel, {"BLOCK_C": cfg.block_c}, {}, n, 4 * gt * (c + 3), 0),
+        Launch(
+            "fwd",
+            "segment_map (groups)",
+            ro._segment_map_kernel,
+            {"BLOCK": ro._SEG_BLOCK, "NP": np_},
+            {},
+            triton.cdiv(gt, ro._SEG_BLOCK),
+            16 * gt,
+            0,
+        ),
+        Launch(
+            "fwd",
+            "stats_group",
+            rh._stats_group_kernel,
+            {"BLOCK_C": cfg.block_c},
+            {},
+            gt,
+            4 * tt * (c + 3),
+            0,
+        ),
+        Launch(
+            "fwd",
+            "expert_stats",
+            rh._expert_stats_kernel,
+            {"BLOCK_C": cfg.block_c},
+            {},
+            n,
+            4 * gt * (c + 3),
+            0,
+        ),
     ]
     out += [
-        Launch("bwd", "segment_maps", ro._segment_map_kernel, {"BLOCK": ro._SEG_BLOCK, "NP": np_},
-               {}, triton.cdiv(t, ro._SEG_BLOCK) + triton.cdiv(s, ro._SEG_BLOCK), 16 * (t + s), 0),
+        Launch(
+            "bwd",
+            "segment_maps",
+            ro._segment_map_kernel,
+            {"BLOCK": ro._SEG_BLOCK, "NP": np_},
+            {},
+            triton.cdiv(t, ro._SEG_BLOCK) + triton.cdiv(s, ro._SEG_BLOCK),
+            16 * (t + s),
+            0,
+        ),
         # h, then u again per channel block unless SINGLE; du (dt) and dh (fp32) written once.
-        Launch("bwd", "dy", rh._routed_head_bwd_dy_kernel, dict(dy, SINGLE=single), opts, t,
-               m * c * es + n * (c * c + 2 * h * c) * es + m * (c * es + 4 * h + 8 + 3 * es) + 4 * tt * lc,
-               (1 if single else 2) * 2 * m * c * c + 2 * 2 * m * c * h),
-        Launch("bwd", "dx", rh._routed_head_bwd_dx_kernel, dict(gemm), opts, t * triton.cdiv(c, bn),
-               2 * m * c * es + n * c * c * es + 8 * m, 2 * m * c * c),
-        Launch("bwd", "dproj", rh._routed_head_bwd_dproj_kernel, dict(gemm), opts,
-               s * triton.cdiv(c, bn) * triton.cdiv(c, bk), 2 * m * c * es + 8 * m + 4 * s * c * c, 2 * m * c * c),
-        Launch("bwd", "dw1", rh._routed_head_bwd_dw1_kernel,
-               {a: v for a, v in dict(gemm, BLOCK_H=cfg.block_h).items() if a != "BLOCK_N"}, opts,
-               s * triton.cdiv(c, bk), m * (4 * h + c * es + es + 8) + 4 * s * h * c, 2 * m * c * h),
+        Launch(
+            "bwd",
+            "dy",
+            rh._routed_head_bwd_dy_kernel,
+            dict(dy, SINGLE=single),
+            opts,
+            t,
+            m * c * es + n * (c * c + 2 * h * c) * es + m * (c * es + 4 * h + 8 + 3 * es) + 4 * tt * lc,
+            (1 if single else 2) * 2 * m * c * c + 2 * 2 * m * c * h,
+        ),
+        Launch(
+            "bwd",
+            "dx",
+            rh._routed_head_bwd_dx_kernel,
+            dict(gemm),
+            opts,
+            t * triton.cdiv(c, bn),
+            2 * m * c * es + n * c * c * es + 8 * m,
+            2 * m * c * c,
+        ),
+        Launch(
+            "bwd",
+            "dproj",
+            rh._routed_head_bwd_dproj_kernel,
+            dict(gemm),
+            opts,
+            s * triton.cdiv(c, bn) * triton.cdiv(c, bk),
+            2 * m * c * es + 8 * m + 4 * s * c * c,
+            2 * m * c * c,
+        ),
+        Launch(
+            "bwd",
+            "dw1",
+            rh._routed_head_bwd_dw1_kernel,
+            {a: v for a, v in dict(gemm, BLOCK_H=cfg.block_h).items() if a != "BLOCK_N"},
+            opts,
+            s * triton.cdiv(c, bk),
+            m * (4 * h + c * es + es + 8) + 4 * s * h * c,
+            2 * m * c * h,
+        ),
     ]
     for what, rows, length in (("dproj", s, c * c), ("dw1", s, h * c), ("cls", t, lc)):
         block = min(1024, max(16, next_pow2(length)))
         cols = triton.cdiv(length, block)
         if rows > 2 * grp:
             g_rows = triton.cdiv(rows, grp) + n
-            out.append(Launch("bwd", f"group_sum ({what})", ro._group_sum_kernel, {"BLOCK": block}, {},
-                              g_rows * cols, 4 * length * (rows + g_rows), 0))
+            out.append(
+                Launch(
+                    "bwd",
+                    f"group_sum ({what})",
+                    ro._group_sum_kernel,
+                    {"BLOCK": block},
+                    {},
+                    g_rows * cols,
+                    4 * length * (rows + g_rows),
+                    0,
+                )
+            )
             rows = g_rows
-        out.append(Launch("bwd", f"segment_sum ({what})", ro._segment_sum_kernel, {"BLOCK": block}, {},
-                          n * cols, 4 * length * (rows + n), 0))
+        out.append(
+            Launch(
+                "bwd",
+                f"segment_sum ({what})",
+                ro._segment_sum_kernel,
+                {"BLOCK": block},
+                {},
+                n * cols,
+                4 * length * (rows + n),
+                0,
+            )
+        )
     return out
 
 
@@ -155,23 +311,38 @@ def compile_launch(ln: Launch, dtype: str, arch: int) -> dict:
 
     types = _types(dtype)
     consts = {a: v for a, v in ln.consts.items() if a in ln.fn.arg_names}
-    sig = {a: types.get(a, ("*" + dtype) if a.endswith("_ptr") else "i32")
-           for a in ln.fn.arg_names if a not in consts}
-    key = (arch, ln.fn.__name__, tuple(sorted(consts.items())), tuple(sorted(ln.options.items())),
-           tuple(sig.items()))
+    sig = {
+        a: types.get(a, ("*" + dtype) if a.endswith("_ptr") else "i32")
+        for a in ln.fn.arg_names
+        if a not in consts
+    }
+    key = (
+        arch,
+        ln.fn.__name__,
+        tuple(sorted(consts.items())),
+        tuple(sorted(ln.options.items())),
+        tuple(sig.items()),
+    )
     if key in _COMPILED:
         return _COMPILED[key]
     buf = io.StringIO()
     knobs.nvidia.dump_ptxas_log = True
     with contextlib.redirect_stdout(buf):
-        compiled = triton.compile(ASTSource(fn=ln.fn, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", arch, 32), options=ln.options or None)
+        compiled = triton.compile(
+            ASTSource(fn=ln.fn, signature=sig, constexprs=consts),
+            target=GPUTarget("cuda", arch, 32),
+            options=ln.options or None,
+        )
     log = buf.getvalue()
     regs = re.findall(r"Used (\d+) registers", log)
     spill_st = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log))
     spill_ld = sum(int(v) for v in re.findall(r"(\d+) bytes spill loads", log))
-    _COMPILED[key] = {"regs": int(regs[-1]) if regs else -1, "spill": spill_st + spill_ld,
-                      "shared": compiled.metadata.shared, "warnings": re.findall(r"(C7\d{3})", log)}
+    _COMPILED[key] = {
+        "regs": int(regs[-1]) if regs else -1,
+        "spill": spill_st + spill_ld,
+        "shared": compiled.metadata.shared,
+        "warnings": re.findall(r"(C7\d{3})", log),
+    }
     return _COMPILED[key]
 
 
@@ -184,14 +355,36 @@ def cuda_report(archs) -> str:
 
     from torch.utils.cpp_extension import include_paths
 
-    inc = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}"]
-    lines = ["", "CUDA kernels (nvcc, ptxas -v)", "", "| arch | kernel | regs | spill B | smem B |",
-             "|---|---|---|---|---|"]
+    inc = [f"-I{p}" for p in include_paths()] + [
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{ROOT / 'csrc'}",
+    ]
+    lines = [
+        "",
+        "CUDA kernels (nvcc, ptxas -v)",
+        "",
+        "| arch | kernel | regs | spill B | smem B |",
+        "|---|---|---|---|---|",
+    ]
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [nvcc, "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-DWITH_CUDA",
-                   "-DTORCH_EXTENSION_NAME=_C", *inc, "-gencode", f"arch=compute_{arch},code=sm_{arch}",
-                   "-Xptxas", "-v", "-c", str(ROOT / "csrc/cuda/routed_head_cuda.cu"), "-o", f"{tmp}/k.o"]
+            cmd = [
+                nvcc,
+                "-std=c++20",
+                "-O3",
+                "--expt-relaxed-constexpr",
+                "-DWITH_CUDA",
+                "-DTORCH_EXTENSION_NAME=_C",
+                *inc,
+                "-gencode",
+                f"arch=compute_{arch},code=sm_{arch}",
+                "-Xptxas",
+                "-v",
+                "-c",
+                str(ROOT / "csrc/cuda/routed_head_cuda.cu"),
+                "-o",
+                f"{tmp}/k.o",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines.append(f"| sm_{arch} | compile failed: {proc.stderr.strip().splitlines()[-1:]} | | | |")
@@ -210,7 +403,9 @@ def cuda_report(archs) -> str:
             mm = re.search(r"Used (\d+) registers.*?(?:, (\d+) bytes smem)?", line)
             if mm and name:
                 smem = re.search(r"(\d+) bytes smem", line)
-                lines.append(f"| sm_{arch} | {name} | {mm.group(1)} | {spill} | {smem.group(1) if smem else 0} |")
+                lines.append(
+                    f"| sm_{arch} | {name} | {mm.group(1)} | {spill} | {smem.group(1) if smem else 0} |"
+                )
                 name = None
     return "\n".join(lines) + "\n"
 
@@ -236,11 +431,15 @@ def main(argv=None) -> int:
 
     k = triton_impl._kernels()
     if k.INTERPRET:
-        print("kernel_report: triton was imported for the interpreter; run in a fresh process", file=sys.stderr)
+        print(
+            "kernel_report: triton was imported for the interpreter; run in a fresh process", file=sys.stderr
+        )
         return 2
     spills = []
-    print("| arch | dtype | c | N | op | kernel | regs | spill B | smem KiB | programs | MB moved | GFLOP | "
-          "bound us |")
+    print(
+        "| arch | dtype | c | N | op | kernel | regs | spill B | smem KiB | programs | MB moved | GFLOP | "
+        "bound us |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arch in args.arch:
         for dtype in args.dtype:
@@ -258,17 +457,23 @@ def main(argv=None) -> int:
                         tot[2] += ln.bytes
                         tot[3] += ln.flops
                         warn = f" ({','.join(sorted(set(r['warnings'])))})" if r["warnings"] else ""
-                        print(f"| sm_{arch} | {dtype} | {c} | {n} | {ln.op} | {ln.name}{warn} | {r['regs']} | "
-                              f"{r['spill']} | {r['shared'] / 1024:.1f} | {ln.programs} | {ln.bytes / 1e6:.0f} | "
-                              f"{ln.flops / 1e9:.1f} | {bound:.0f} |")
+                        print(
+                            f"| sm_{arch} | {dtype} | {c} | {n} | {ln.op} | {ln.name}{warn} | "
+                            f"{r['regs']} | {r['spill']} | {r['shared'] / 1024:.1f} | {ln.programs} | "
+                            f"{ln.bytes / 1e6:.0f} | "
+                            f"{ln.flops / 1e9:.1f} | {bound:.0f} |"
+                        )
                         if r["spill"]:
                             spills.append(f"sm_{arch} {dtype} c={c} {ln.name}: {r['spill']} B")
                     mm = args.m
                     mm_bytes = (2 * mm * c + c * c) * 2
                     mm_bound = max(mm_bytes / HBM_BPS, 2 * mm * c * c / PEAK["bf16"]) * 1e6
                     for op, (nl, bound, by, fl) in total.items():
-                        print(f"| sm_{arch} | {dtype} | {c} | {n} | {op} | **op call: {nl} launches** | | | | | "
-                              f"{by / 1e6:.0f} | {fl / 1e9:.1f} | {bound:.0f} (matmul bf16: {mm_bound:.0f}) |")
+                        print(
+                            f"| sm_{arch} | {dtype} | {c} | {n} | {op} | **op call: {nl} launches** "
+                            "| | | | | "
+                            f"{by / 1e6:.0f} | {fl / 1e9:.1f} | {bound:.0f} (matmul bf16: {mm_bound:.0f}) |"
+                        )
     if args.cuda:
         print(cuda_report(args.arch))
     if spills:

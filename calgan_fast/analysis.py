@@ -29,8 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["content_labels", "discriminator_eval_mode", "load_discriminator", "nmi", "routing_quality",
-           "routing_quality_of_images", "analyze_images", "tsne_embedding"]
+__all__ = [
+    "content_labels",
+    "discriminator_eval_mode",
+    "load_discriminator",
+    "nmi",
+    "routing_quality",
+    "routing_quality_of_images",
+    "analyze_images",
+    "tsne_embedding",
+]
 
 # BT.601 luma of RGB in [0, 1] (the Y of calgan_fast.metrics.rgb_to_y, scaled to [0, 1]).
 _LUMA = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)
@@ -99,10 +107,13 @@ def routing_quality(expert, num_experts: int, content=None) -> dict:
     count = torch.bincount(e, minlength=num_experts).double()
     usage = count / count.sum()
     ent = float(-(usage[usage > 0] * usage[usage > 0].log()).sum()) / max(math.log(num_experts), 1e-12)
-    out = {"num_experts": num_experts, "pixels": int(e.numel()),
-           "usage": [round(float(u), 6) for u in usage],
-           "usage_entropy": max(ent, 0.0) if num_experts > 1 else 1.0,
-           "experts_alive": int((usage > 1.0 / (4 * num_experts)).sum())}
+    out = {
+        "num_experts": num_experts,
+        "pixels": int(e.numel()),
+        "usage": [round(float(u), 6) for u in usage],
+        "usage_entropy": max(ent, 0.0) if num_experts > 1 else 1.0,
+        "experts_alive": int((usage > 1.0 / (4 * num_experts)).sum()),
+    }
     if content is not None:
         c = torch.as_tensor(content).reshape(-1).cpu()
         if c.numel() != e.numel():
@@ -142,7 +153,7 @@ def _centre(img: Tensor, max_side: int | None) -> Tensor:
     h, w = img.shape[-2:]
     th, tw = min(h, max_side), min(w, max_side)
     top, left = (h - th) // 2, (w - tw) // 2
-    return img[..., top:top + th, left:left + tw]
+    return img[..., top : top + th, left : left + tw]
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -165,13 +176,20 @@ def load_discriminator(path: str | os.PathLike, device: str | torch.device = "cp
     elif isinstance(st, dict) and "params" in st and "proj" in st.get("params", {}):
         st = st["params"]
     if not isinstance(st, dict) or "proj" not in st or "features.0.weight" not in st:
-        raise ValueError(f"{path}: not a CAL-GAN discriminator checkpoint (no net_d / proj / features weights)")
+        raise ValueError(
+            f"{path}: not a CAL-GAN discriminator checkpoint (no net_d / proj / features weights)"
+        )
     # DataParallel / SyncBN conversions keep the names; a "module." prefix is dropped.
     st = {k[7:] if k.startswith("module.") else k: v for k, v in st.items()}
     n, c, _ = st["proj"].shape
     nc, hdim, _ = st["w1"].shape
-    net = CALGANDiscriminator(in_channels=st["features.0.weight"].shape[1], num_feat=c // 4, num_experts=n,
-                              hidden=hdim, share_classifier=nc == 1 and n > 1)
+    net = CALGANDiscriminator(
+        in_channels=st["features.0.weight"].shape[1],
+        num_feat=c // 4,
+        num_experts=n,
+        hidden=hdim,
+        share_classifier=nc == 1 and n > 1,
+    )
     net.load_state_dict(st)
     return net.to(device)
 
@@ -191,7 +209,8 @@ def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
     # One thread: scikit-learn's OpenMP threads next to torch's oversubscribe the cores (10x slower).
     with threadpool_limits(limits=1):
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-            features.astype(np.float32))
+            features.astype(np.float32)
+        )
 
 
 def _projected(net_d, feats: Tensor, expert: Tensor) -> Tensor:
@@ -292,8 +311,16 @@ def _collect_images(entries) -> list[Path]:
 
 
 @torch.no_grad()
-def analyze_images(net_d, images, out_dir, sr_dir=None, max_side: int | None = 512, tsne_points: int = 2000,
-                   seed: int = 0, scale: int = 4) -> dict:
+def analyze_images(
+    net_d,
+    images,
+    out_dir,
+    sr_dir=None,
+    max_side: int | None = 512,
+    tsne_points: int = 2000,
+    seed: int = 0,
+    scale: int = 4,
+) -> dict:
     """Writes, for each HR image, ``<stem>_routing.png`` (HR, its routing; with ``sr_dir`` the SR
     image, its own routing and D's real-probability under the HR routing), ``<stem>_tsne.png`` and
     ``<stem>_tsne.csv`` (t-SNE of the projected features ``y`` of sampled feature pixels, coloured
@@ -318,8 +345,14 @@ def analyze_images(net_d, images, out_dir, sr_dir=None, max_side: int | None = 5
         sr = None
         if sr_files is not None:
             stem = path.stem
-            sp = next((sr_files[c] for c in (stem, f"{stem}x{scale}", f"{stem}_x{scale}", f"{stem}_SR")
-                       if c in sr_files), None)
+            sp = next(
+                (
+                    sr_files[c]
+                    for c in (stem, f"{stem}x{scale}", f"{stem}_x{scale}", f"{stem}_SR")
+                    if c in sr_files
+                ),
+                None,
+            )
             if sp is None:
                 raise ImageError(f"{sr_dir}: no SR image for {path.name}")
             sr = read_image(sp)
@@ -351,8 +384,11 @@ def analyze_images(net_d, images, out_dir, sr_dir=None, max_side: int | None = 5
             pooled_sr_c.append(sr_labels.reshape(-1))
             sr_img = xs.permute(1, 2, 0).numpy()
             score = torch.sigmoid(under_hr.logits[0, 0]).cpu().numpy()
-            panels += [("SR", sr_img), ("SR, own routing", _overlay(sr_img, e_sr.numpy(), n)),
-                       ("D(SR) under HR routing (dark: fake)", np.kron(score, np.ones((4, 4))))]
+            panels += [
+                ("SR", sr_img),
+                ("SR, own routing", _overlay(sr_img, e_sr.numpy(), n)),
+                ("D(SR) under HR routing (dark: fake)", np.kron(score, np.ones((4, 4)))),
+            ]
             used |= set(e_sr.unique().tolist())
         _figure_maps(out / f"{path.stem}_routing.png", panels, sorted(used), n)
         # t-SNE of y over sampled feature pixels.
@@ -361,12 +397,16 @@ def analyze_images(net_d, images, out_dir, sr_dir=None, max_side: int | None = 5
         k = min(tsne_points, y.shape[0])
         idx = np.sort(rng.choice(y.shape[0], size=k, replace=False))
         xy = tsne_embedding(y[idx], seed)
-        colours = _figure_tsne(out / f"{path.stem}_tsne.png", xy, e_flat[idx], n,
-                               f"{path.name}: t-SNE of y, {k} feature pixels")
+        colours = _figure_tsne(
+            out / f"{path.stem}_tsne.png", xy, e_flat[idx], n, f"{path.name}: t-SNE of y, {k} feature pixels"
+        )
         rows = "".join(f"{a:.5f},{b:.5f},{int(c)}\n" for (a, b), c in zip(xy, e_flat[idx]))
         _write_text(out / f"{path.stem}_tsne.csv", "x,y,expert\n" + rows)
-        entry["tsne"] = {"points": int(k), "experts": sorted(int(i) for i in np.unique(e_flat[idx])),
-                         "colours": colours}
+        entry["tsne"] = {
+            "points": int(k),
+            "experts": sorted(int(i) for i in np.unique(e_flat[idx])),
+            "colours": colours,
+        }
         report["images"][path.name] = entry
     report["hr"] = routing_quality(torch.cat(pooled_e), n, torch.cat(pooled_c))
     if pooled_sr_e:
@@ -385,7 +425,9 @@ def cmd_analyze(args) -> int:
     """``calgan analyze`` (see :func:`calgan_fast.cli.build_parser`)."""
     out = Path(args.out)
     if (out / "routing_quality.json").exists() and not args.overwrite:
-        raise FileExistsError(f"{out / 'routing_quality.json'}: already exists (use --overwrite to replace it)")
+        raise FileExistsError(
+            f"{out / 'routing_quality.json'}: already exists (use --overwrite to replace it)"
+        )
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -394,11 +436,15 @@ def cmd_analyze(args) -> int:
         raise ValueError(f"--tsne-points: needs at least 4, got {args.tsne_points}")
     rep = analyze_images(net_d, args.images, out, args.sr, args.max_side, args.tsne_points, args.seed)
     h = rep["hr"]
-    print(f"HR routing: usage entropy {h['usage_entropy']:.3f}, experts alive {h['experts_alive']}/"
-          f"{h['num_experts']}, NMI(expert, texture quintile) {h['nmi_content']:.3f}")
+    print(
+        f"HR routing: usage entropy {h['usage_entropy']:.3f}, experts alive {h['experts_alive']}/"
+        f"{h['num_experts']}, NMI(expert, texture quintile) {h['nmi_content']:.3f}"
+    )
     if "sr" in rep:
         s = rep["sr"]
-        print(f"SR routing: usage entropy {s['usage_entropy']:.3f}, experts alive {s['experts_alive']}/"
-              f"{s['num_experts']}, NMI(expert, texture quintile) {s['nmi_content']:.3f}")
+        print(
+            f"SR routing: usage entropy {s['usage_entropy']:.3f}, experts alive {s['experts_alive']}/"
+            f"{s['num_experts']}, NMI(expert, texture quintile) {s['nmi_content']:.3f}"
+        )
     print(f"written: {out} (routing maps, t-SNE, routing_quality.json)")
     return 0

@@ -90,7 +90,14 @@ def plot_run(run: str | os.PathLike, output: str | os.PathLike | None = None) ->
         ax.set_ylim(0, 1)
         ax.legend(fontsize=6, ncol=2, loc="upper right")
     else:
-        ax.text(0.5, 0.5, "no expert usage logged (phase 1 only)", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no expert usage logged (phase 1 only)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.set_title("expert usage (share of pixels)")
     ax.set_xlabel("iteration")
     # Validation.
@@ -101,16 +108,31 @@ def plot_run(run: str | os.PathLike, output: str | os.PathLike | None = None) ->
         its = [h["iter"] for h in hist]
         ax.plot(its, [h["psnr"] for h in hist], "o-", color="C0", label="PSNR (dB)")
         if any("bicubic_psnr" in h for h in hist):
-            ax.axhline(next(h["bicubic_psnr"] for h in hist if "bicubic_psnr" in h), color="C0", ls=":",
-                       label="bicubic PSNR")
+            ax.axhline(
+                next(h["bicubic_psnr"] for h in hist if "bicubic_psnr" in h),
+                color="C0",
+                ls=":",
+                label="bicubic PSNR",
+            )
         ax.set_ylabel("PSNR (dB)")
         ax2 = ax.twinx()
         ax2.plot(its, [h["ssim"] for h in hist], "s-", color="C1", label="SSIM")
         rq = [(h["iter"], h["routing"]) for h in hist if isinstance(h.get("routing"), dict)]
         if rq:
-            ax2.plot([r[0] for r in rq], [r[1]["nmi_content"] for r in rq], "^-", color="C2", label="NMI(expert, texture)")
-            ax2.plot([r[0] for r in rq], [r[1]["usage_entropy"] for r in rq], "v-", color="C3",
-                     label="usage entropy")
+            ax2.plot(
+                [r[0] for r in rq],
+                [r[1]["nmi_content"] for r in rq],
+                "^-",
+                color="C2",
+                label="NMI(expert, texture)",
+            )
+            ax2.plot(
+                [r[0] for r in rq],
+                [r[1]["usage_entropy"] for r in rq],
+                "v-",
+                color="C3",
+                label="usage entropy",
+            )
         ax2.set_ylim(0, 1)
         lines = ax.get_lines() + ax2.get_lines()
         ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="lower right")

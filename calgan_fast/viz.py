@@ -12,9 +12,22 @@ __all__ = ["PALETTE", "palette", "routing_image", "routing_map"]
 # 16 hand-picked, well separated colours (RGB); more experts get golden-ratio hues.
 PALETTE = np.array(
     [
-        (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-        (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-        (0, 128, 128), (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195), (0, 0, 128),
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (250, 190, 212),
+        (0, 128, 128),
+        (220, 190, 255),
+        (170, 110, 40),
+        (128, 0, 0),
+        (170, 255, 195),
+        (0, 0, 128),
     ],
     dtype=np.uint8,
 )
@@ -56,7 +69,8 @@ def routing_map(D, image, index: int = 0, calibrate=None) -> np.ndarray:
     BatchNorm as in training, with the statistics of the batch being scored (``eval_bn="batch"``,
     the default), so the map is the routing training used (with argmax in place of Gumbel noise).
     ``calibrate``: an iterable of real image batches, for ``eval_bn="running"``: the running
-    statistics are first recomputed from them (:func:`calgan_fast.nn.calibrate_bn`). ``image``: ``(B, 3, H, W)`` or ``(3, H, W)`` in [0, 1]; it is cropped to multiples
+    statistics are first recomputed from them (:func:`calgan_fast.nn.calibrate_bn`).
+    ``image``: ``(B, 3, H, W)`` or ``(3, H, W)`` in [0, 1]; it is cropped to multiples
     of D's patch size p (``H' = H // p · p``) and each feature pixel is drawn as a p x p block.
     """
     from .nn import calibrate_bn

@@ -24,8 +24,10 @@ def _has(mod: str) -> bool:
     return True
 
 
-needs_analysis = pytest.mark.skipif(not (_has("sklearn") and _has("matplotlib")),
-                                    reason="needs scikit-learn and matplotlib (pip install calgan_fast[analysis])")
+needs_analysis = pytest.mark.skipif(
+    not (_has("sklearn") and _has("matplotlib")),
+    reason="needs scikit-learn and matplotlib (pip install calgan_fast[analysis])",
+)
 
 
 def test_nmi_known_answers():
@@ -105,8 +107,24 @@ def test_analyze_writes_maps_tsne_and_routing_quality(tmp_path, capsys):
     for p in sorted(folder.iterdir()):  # "SR": a blurred copy
         write_image(tmp_path / "sr" / p.name, (read_image(p) // 2 * 2).astype(np.uint8))
     out = tmp_path / "an"
-    assert main(["analyze", "--d", str(tmp_path / "iter_0000030.pth"), "--images", str(folder),
-                 "--sr", str(tmp_path / "sr"), "--out", str(out), "--tsne-points", "50"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--d",
+                str(tmp_path / "iter_0000030.pth"),
+                "--images",
+                str(folder),
+                "--sr",
+                str(tmp_path / "sr"),
+                "--out",
+                str(out),
+                "--tsne-points",
+                "50",
+            ]
+        )
+        == 0
+    )
     assert "HR routing: usage entropy" in capsys.readouterr().out
     rep = json.loads((out / "routing_quality.json").read_text())
     assert rep["num_experts"] == 4 and set(rep["images"]) == {"img0.png", "img1.png"}
@@ -131,11 +149,20 @@ def test_analyze_writes_maps_tsne_and_routing_quality(tmp_path, capsys):
     # Pooled over the images: 2 images of 12x12 feature pixels.
     assert rep["hr"]["pixels"] == 2 * 12 * 12
     capsys.readouterr()
-    assert main(["analyze", "--d", str(tmp_path / "iter_0000030.pth"), "--images", str(folder),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            ["analyze", "--d", str(tmp_path / "iter_0000030.pth"), "--images", str(folder), "--out", str(out)]
+        )
+        == 2
+    )
     assert "routing_quality.json: already exists" in capsys.readouterr().err
     torch.save({"params": {}}, tmp_path / "g.pth")
-    assert main(["analyze", "--d", str(tmp_path / "g.pth"), "--images", str(folder), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            ["analyze", "--d", str(tmp_path / "g.pth"), "--images", str(folder), "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "not a CAL-GAN discriminator checkpoint" in capsys.readouterr().err
 
 

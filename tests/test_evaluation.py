@@ -15,7 +15,9 @@ from calgan_fast.data import img2tensor, imresize, read_image, write_image
 from calgan_fast.metrics import psnr, rgb_to_y, ssim
 from calgan_fast.train.evaluate import bicubic_lr
 
-SHARED_DATA = Path(os.environ.get("CALGAN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("CALGAN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 SETS = [s for s in ("Set5", "Set14") if (SHARED_DATA / s / "HR").is_dir()]
 needs_sets = pytest.mark.skipif(not SETS, reason="Set5/Set14 not present (set CALGAN_SHARED_DATA)")
 
@@ -28,7 +30,9 @@ def _has_pyiqa() -> bool:
     return True
 
 
-needs_pyiqa = pytest.mark.skipif(not _has_pyiqa(), reason="pyiqa not installed (pip install calgan_fast[metrics])")
+needs_pyiqa = pytest.mark.skipif(
+    not _has_pyiqa(), reason="pyiqa not installed (pip install calgan_fast[metrics])"
+)
 
 
 def _img(h, w, seed):
@@ -155,7 +159,12 @@ def test_lpips_from_a_cache_with_random_weights(tmp_path, offline_cache, capsys)
     torch.save(lin_state, pdir / Path(default_model_urls["0.1_alex"]).name)
     for i in range(2):
         write_image(tmp_path / "gt" / f"{i}.png", _img(48, 40, i))
-    assert main(["eval", "--gt", str(tmp_path / "gt"), "--metrics", "psnr", "lpips", "--out", str(tmp_path / "r")]) == 0
+    assert (
+        main(
+            ["eval", "--gt", str(tmp_path / "gt"), "--metrics", "psnr", "lpips", "--out", str(tmp_path / "r")]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "r" / "metrics.json").read_text())
     ref = pyiqa.create_metric("lpips", device="cpu")
     for row in res["sets"]["gt"]["Bicubic"]["images"]:
@@ -171,8 +180,21 @@ def test_lpips_from_a_cache_with_random_weights(tmp_path, offline_cache, capsys)
 
 @needs_sets
 def test_bicubic_table_on_set5_set14_matches_a_direct_computation(tmp_path, capsys):
-    assert main(["eval", "--sets", *SETS, "--data-root", str(SHARED_DATA), "--psnr-only",
-                 "--out", str(tmp_path / "r")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--sets",
+                *SETS,
+                "--data-root",
+                str(SHARED_DATA),
+                "--psnr-only",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert res["methods"] == ["Bicubic"] and list(res["sets"]) == SETS
     n_images = 0
@@ -210,26 +232,97 @@ def test_eval_from_gt_alone_equals_eval_from_a_bicubic_lr_folder(tmp_path, tiny_
         write_image(tmp_path / "data" / "toy" / "HR" / f"im{i}.png", gt)
         write_image(tmp_path / "lr" / f"im{i}x4.png", bicubic_lr(gt, 4))
     gt_dir = tmp_path / "data" / "toy" / "HR"
-    assert main(["eval", "--model", str(path), "--gt", str(gt_dir), "--psnr-only", "--out", str(tmp_path / "a"),
-                 "--save-sr", str(tmp_path / "sr_a")]) == 0
-    assert main(["eval", "--model", str(path), "--gt", str(gt_dir), "--lr", str(tmp_path / "lr"), "--psnr-only",
-                 "--out", str(tmp_path / "b"), "--save-sr", str(tmp_path / "sr_b")]) == 0
-    assert main(["eval", "--model", str(path), "--sets", "toy", "--data-root", str(tmp_path / "data"),
-                 "--psnr-only", "--out", str(tmp_path / "c")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(path),
+                "--gt",
+                str(gt_dir),
+                "--psnr-only",
+                "--out",
+                str(tmp_path / "a"),
+                "--save-sr",
+                str(tmp_path / "sr_a"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(path),
+                "--gt",
+                str(gt_dir),
+                "--lr",
+                str(tmp_path / "lr"),
+                "--psnr-only",
+                "--out",
+                str(tmp_path / "b"),
+                "--save-sr",
+                str(tmp_path / "sr_b"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(path),
+                "--sets",
+                "toy",
+                "--data-root",
+                str(tmp_path / "data"),
+                "--psnr-only",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
     a, b, c = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "abc")
     assert a["methods"] == ["Bicubic", "g"]
     assert a["sets"] == b["sets"] == c["sets"]
     for i in range(2):
-        sa, sb = read_image(tmp_path / "sr_a" / "toy" / f"im{i}.png"), read_image(tmp_path / "sr_b" / "toy" / f"im{i}.png")
+        sa, sb = (
+            read_image(tmp_path / "sr_a" / "toy" / f"im{i}.png"),
+            read_image(tmp_path / "sr_b" / "toy" / f"im{i}.png"),
+        )
         assert np.array_equal(sa, sb) and sa.shape[0] == (36, 32)[i]
     # The model's SR of im0 saved by --save-sr gives the figures of the table.
     row = a["sets"]["toy"]["g"]["images"][0]
-    assert row["psnr"] == pytest.approx(psnr(read_image(tmp_path / "sr_a" / "toy" / "im0.png"),
-                                              read_image(gt_dir / "im0.png")[:36, :44], 4, True), abs=1e-9)
+    assert row["psnr"] == pytest.approx(
+        psnr(
+            read_image(tmp_path / "sr_a" / "toy" / "im0.png"),
+            read_image(gt_dir / "im0.png")[:36, :44],
+            4,
+            True,
+        ),
+        abs=1e-9,
+    )
     # The SR folder written by --save-sr evaluated with --sr gives the same numbers.
     capsys.readouterr()
-    assert main(["eval", "--sr", str(tmp_path / "sr_a" / "toy"), "--gt", str(gt_dir), "--psnr-only", "--no-bicubic",
-                 "--out", str(tmp_path / "d")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--sr",
+                str(tmp_path / "sr_a" / "toy"),
+                "--gt",
+                str(gt_dir),
+                "--psnr-only",
+                "--no-bicubic",
+                "--out",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 0
+    )
     d = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert d["sets"]["toy"]["toy"]["images"] == a["sets"]["toy"]["g"]["images"]
 

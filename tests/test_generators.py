@@ -71,7 +71,9 @@ def test_every_generator_trains_two_iterations_and_loads_back(tmp_path, name):
 
 def test_trainer_checkpoint_x2_rrdb_is_detected_with_its_scale(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--config", str(_config(tmp_path, TINY["RRDBNet"], scale=2)), "--out", str(run)]) == 0
+    assert (
+        main(["train", "--config", str(_config(tmp_path, TINY["RRDBNet"], scale=2)), "--out", str(run)]) == 0
+    )
     desc = _detected_by_spandrel(run / "models" / "net_g_final.pth")
     assert (desc.architecture.id, desc.scale) == ("ESRGAN", 2)
     assert load_generator(run / "models" / "net_g_final.pth")[2] == 2
@@ -106,8 +108,23 @@ def test_community_swinir_file_finetunes_and_upscales(tmp_path, capsys, fmt):
         gt = read_image(tmp_path / "data" / "img0.png")
         write_image(tmp_path / "gt" / "a.png", gt)
         write_image(tmp_path / "lq" / "a.png", imresize(gt, 0.25))
-        assert main(["eval", "--model", str(path), "--lr", str(tmp_path / "lq"), "--gt", str(tmp_path / "gt"),
-                     "--psnr-only", "--device", "cpu"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(path),
+                    "--lr",
+                    str(tmp_path / "lq"),
+                    "--gt",
+                    str(tmp_path / "gt"),
+                    "--psnr-only",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         table = capsys.readouterr().out
         row = next(ln for ln in table.splitlines() if "PSNR" in ln)
         assert path.stem in table and float(row.split("|")[-2].strip("* ")) > 10  # the model's PSNR column
@@ -141,18 +158,32 @@ def test_undetectable_file_is_loaded_into_network_g_or_is_a_clear_error(tmp_path
     with pytest.raises(CheckpointError, match=r"odd\.pth: spandrel does not recognise"):
         load_generator(tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match=r"odd\.pth: does not fit RRDBNet"):
-        training_generator({"type": "RRDBNet", "num_feat": 8, "num_block": 1, "num_grow_ch": 4}, 4,
-                           tmp_path / "odd.pth")
+        training_generator(
+            {"type": "RRDBNet", "num_feat": 8, "num_block": 1, "num_grow_ch": 4}, 4, tmp_path / "odd.pth"
+        )
 
 
 def test_registry_names_and_errors():
     names = generator_names()
-    for n in ("RRDBNet", "EDSR", "EDSR_paper", "SwinIR_M", "SwinIR_tiny", "SwinIR", "HAT", "DAT", "SPAN",
-              "Compact", "ESRGAN"):
+    for n in (
+        "RRDBNet",
+        "EDSR",
+        "EDSR_paper",
+        "SwinIR_M",
+        "SwinIR_tiny",
+        "SwinIR",
+        "HAT",
+        "DAT",
+        "SPAN",
+        "Compact",
+        "ESRGAN",
+    ):
         assert n in names
     with pytest.raises(ConfigError, match=r"unknown generator 'SwinIR-M'; known: .*SwinIR_M"):
         load_config("quickstart", overrides={"network_g": {"type": "SwinIR-M"}})
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) embed_dims for SwinIR; accepted: .*embed_dim"):
+    with pytest.raises(
+        ConfigError, match=r"unknown option\(s\) embed_dims for SwinIR; accepted: .*embed_dim"
+    ):
         load_config("quickstart", overrides={"network_g": {"type": "SwinIR", "embed_dims": 60}})
     # every architecture takes its upscaling factor as ``scale``
     assert build_generator("Compact", num_feat=4, num_conv=1, scale=3)(torch.rand(1, 3, 4, 4)).shape[-1] == 12
@@ -162,8 +193,15 @@ def test_swinir_m_is_the_papers_size():
     m = build_generator("SwinIR_M", scale=4)
     assert sum(p.numel() for p in m.parameters()) == pytest.approx(11.9e6, rel=0.01)
     hp = m.hyperparameters
-    assert (hp["embed_dim"], hp["depths"], hp["num_heads"], hp["window_size"], hp["img_size"],
-            hp["upsampler"], hp["upscale"]) == (180, [6] * 6, [6] * 6, 8, 64, "pixelshuffle", 4)
+    assert (
+        hp["embed_dim"],
+        hp["depths"],
+        hp["num_heads"],
+        hp["window_size"],
+        hp["img_size"],
+        hp["upsampler"],
+        hp["upscale"],
+    ) == (180, [6] * 6, [6] * 6, 8, 64, "pixelshuffle", 4)
 
 
 def test_swinir_example_config():

@@ -76,10 +76,16 @@ def test_config_errors_name_the_key(tmp_path):
     _config_error(tmp_path, "network_d:\n  patch_size: 3\n", r"network_d\.patch_size = 3")
     _config_error(tmp_path, "network_d:\n  patch_size: 32\n", r"network_d\.patch_size = 32")
     _config_error(tmp_path, "network_d:\n  type: PatchGAN\n", r"network_d\.type = 'PatchGAN'")
-    _config_error(tmp_path, "    gt_size: 72\nnetwork_d:\n  patch_size: 16\n",
-                  r"gt_size = 72 must be a multiple of 16 \(network_d\.patch_size\)")
-    _config_error(tmp_path, "    gt_size: 64\nnetwork_d:\n  type: VGGStyleDiscriminator\n",
-                  r"VGGStyleDiscriminator takes 128 or 256")
+    _config_error(
+        tmp_path,
+        "    gt_size: 72\nnetwork_d:\n  patch_size: 16\n",
+        r"gt_size = 72 must be a multiple of 16 \(network_d\.patch_size\)",
+    )
+    _config_error(
+        tmp_path,
+        "    gt_size: 64\nnetwork_d:\n  type: VGGStyleDiscriminator\n",
+        r"VGGStyleDiscriminator takes 128 or 256",
+    )
     _config_error(tmp_path, "    batch_size: 0\n", r"datasets\.train\.batch_size = 0")
     with pytest.raises(ValueError, match=r"network_d\.type = 'PatchGAN'"):
         build_discriminator({"type": "PatchGAN"})
@@ -108,15 +114,29 @@ def test_paper_preset_is_the_papers_text():
     tr, d = cfg["train"], cfg["network_d"]
     assert 4 * d["num_feat"] == 512 and d["num_experts"] == 12 and d["patch_size"] == 4
     assert d["type"] == "CALGANDiscriminator"
-    assert cfg["datasets"]["train"]["gt_size"] == 256 and cfg["datasets"]["train"]["gt_size"] // cfg["scale"] == 64
+    assert (
+        cfg["datasets"]["train"]["gt_size"] == 256
+        and cfg["datasets"]["train"]["gt_size"] // cfg["scale"] == 64
+    )
     assert tr["perceptual_opt"]["enabled"] is True
-    assert (tr["pixel_opt"]["loss_weight"], tr["perceptual_opt"]["loss_weight"], tr["gan_opt"]["loss_weight"]) \
-        == (0.01, 1.0, 0.005)
+    assert (
+        tr["pixel_opt"]["loss_weight"],
+        tr["perceptual_opt"]["loss_weight"],
+        tr["gan_opt"]["loss_weight"],
+    ) == (0.01, 1.0, 0.005)
     assert tr["gan_opt"]["gan_type"] == "relativistic"
-    assert (tr["d_opt"]["lambda_b"], tr["d_opt"]["lambda_o"], tr["d_opt"]["lambda_d"], tr["d_opt"]["lambda_dis"]) \
-        == (0.05, 10.0, 10.0, 1.0)
-    assert tr["optim_g"]["lr"] == 1e-4 and tr["optim_d"]["lr"] == 1e-4 and tr["optim_g"]["betas"] == [0.9, 0.99]
-    assert tr["total_iter"] == 300000 and tr["scheduler"]["milestones"] == [150000] and tr["ema_decay"] == 0.999
+    assert (
+        tr["d_opt"]["lambda_b"],
+        tr["d_opt"]["lambda_o"],
+        tr["d_opt"]["lambda_d"],
+        tr["d_opt"]["lambda_dis"],
+    ) == (0.05, 10.0, 10.0, 1.0)
+    assert (
+        tr["optim_g"]["lr"] == 1e-4 and tr["optim_d"]["lr"] == 1e-4 and tr["optim_g"]["betas"] == [0.9, 0.99]
+    )
+    assert (
+        tr["total_iter"] == 300000 and tr["scheduler"]["milestones"] == [150000] and tr["ema_decay"] == 0.999
+    )
     assert cfg["network_g"] == {"type": "RRDBNet", "num_feat": 64, "num_block": 23, "num_grow_ch": 32}
 
 
@@ -133,10 +153,12 @@ def _images(folder: Path, n: int = 3, size: int = 40) -> Path:
 
 def _tiny_overrides(root: Path, gt_size: int = 32, **network_d) -> dict:
     return {
-        "device": "cpu", "num_threads": 1,
-        "datasets": {"train": {"dataroot_gt": str(root), "gt_size": gt_size, "batch_size": 2,
-                               "num_worker_per_gpu": 0},
-                     "val": {"dataroot_gt": None}},
+        "device": "cpu",
+        "num_threads": 1,
+        "datasets": {
+            "train": {"dataroot_gt": str(root), "gt_size": gt_size, "batch_size": 2, "num_worker_per_gpu": 0},
+            "val": {"dataroot_gt": None},
+        },
         "network_g": {"type": "RRDBNet", "num_feat": 4, "num_block": 1, "num_grow_ch": 4},
         "network_d": {"num_feat": 4, **network_d},
         "path": {"pretrain_network_g": None},
@@ -160,8 +182,11 @@ def test_required_perceptual_loss_stops_with_where_vgg19_goes(tmp_path, monkeypa
     cfg = load_config(None, overrides=over)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ConfigError, match=r"train\.perceptual_opt: VGG19 weights not found: looked for .*"
-                                              r"vgg19-dcbb9e9d\.pth"):
+        with pytest.raises(
+            ConfigError,
+            match=r"train\.perceptual_opt: VGG19 weights not found: looked for .*"
+            r"vgg19-dcbb9e9d\.pth",
+        ):
             train(cfg, tmp_path / "run", progress=False)
     assert calls and calls[0][0].endswith("vgg19-dcbb9e9d.pth")
     assert Path(calls[0][1]) == tmp_path / "torch" / "hub" / "checkpoints"
@@ -266,9 +291,13 @@ def test_ablation_config_trains_two_iterations(path, tmp_path, monkeypatch):
     monkeypatch.setenv("CALGAN_FAST_HOME", str(tmp_path / "home"))
     full = load_config(None, path)
     d = full["network_d"]
-    assert full["train"]["perceptual_opt"]["enabled"] is True and full["datasets"]["train"]["batch_size"] == 48
+    assert (
+        full["train"]["perceptual_opt"]["enabled"] is True and full["datasets"]["train"]["batch_size"] == 48
+    )
     if path.stem.startswith("table3_"):
-        key = {"balancing": "lambda_b", "orthogonality": "lambda_o", "distribution": "lambda_d"}[path.stem[10:]]
+        key = {"balancing": "lambda_b", "orthogonality": "lambda_o", "distribution": "lambda_d"}[
+            path.stem[10:]
+        ]
         assert full["train"]["d_opt"][key] == 0
     gt = 128 if d["type"] == "VGGStyleDiscriminator" else 32
     # Tiny sizes; what the file chooses (type, N, p, λ) is kept.
@@ -279,7 +308,9 @@ def test_ablation_config_trains_two_iterations(path, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         last = train(cfg, tmp_path / "run", progress=False)
-    assert last["iter"] == 2 and all(torch.isfinite(torch.tensor(last[k])) for k in ("l_gen", "d_adv", "d_total"))
+    assert last["iter"] == 2 and all(
+        torch.isfinite(torch.tensor(last[k])) for k in ("l_gen", "d_adv", "d_total")
+    )
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2
     if d["type"] != "CALGANDiscriminator" or d["num_experts"] == 1:

@@ -28,16 +28,23 @@ def _offset_inputs(variant: str, m=400, c=4, n=3, h=5):
     proj = torch.randn(n, c, c, generator=g, dtype=torch.float64)
     if variant == "all":
         gate, proj = gate + 1e4, proj + 1e4
-    w1, b1 = torch.randn(n, h, c, generator=g, dtype=torch.float64), torch.randn(n, h, generator=g, dtype=torch.float64)
-    w2, b2 = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    w1, b1 = (
+        torch.randn(n, h, c, generator=g, dtype=torch.float64),
+        torch.randn(n, h, generator=g, dtype=torch.float64),
+    )
+    w2, b2 = (
+        torch.randn(n, h, generator=g, dtype=torch.float64),
+        torch.randn(n, generator=g, dtype=torch.float64),
+    )
     expert = torch.randint(0, n, (m,), generator=g)
     return [x, gate, proj], expert, [w1, b1, w2, b2]
 
 
 def _var_grads(floats, expert, rest, backend):
     leaves = [t.detach().clone().requires_grad_(True) for t in floats]
-    out = calgan_fast.routed_head(leaves[0], expert, *leaves[1:], *[t.to(leaves[0].dtype) for t in rest],
-                                  backend=backend)
+    out = calgan_fast.routed_head(
+        leaves[0], expert, *leaves[1:], *[t.to(leaves[0].dtype) for t in rest], backend=backend
+    )
     return [out.var, *torch.autograd.grad(out.var.sum(), leaves)]
 
 
@@ -45,7 +52,9 @@ def _rel(a, b):
     return ((a.double() - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in calgan_fast.available_backends("cpu")])
+@pytest.mark.parametrize(
+    "backend", [b for b in ("torch", "cpu") if b in calgan_fast.available_backends("cpu")]
+)
 @pytest.mark.parametrize("variant", ["x", "all"])
 def test_variance_and_its_gradients_on_offset_inputs(backend, variant):
     """Within a small factor of the floor that rounding the inputs to fp32 alone causes."""
@@ -64,12 +73,19 @@ def test_reference_accumulates_in_fp64(dtype):
     g = torch.Generator().manual_seed(3)
     m, c, n, h = 300, 8, 3, 4
     x = (torch.randn(m, c, generator=g) * 0.5 + (1e3 if dtype == torch.float32 else 60)).to(dtype)
-    args = [torch.randint(0, n, (m,), generator=g), torch.ones(m, dtype=dtype),
-            (torch.randn(n, c, c, generator=g) / c**0.5).to(dtype), torch.randn(n, h, c, generator=g).to(dtype),
-            torch.randn(n, h, generator=g).to(dtype), torch.randn(n, h, generator=g).to(dtype),
-            torch.randn(n, generator=g).to(dtype)]
+    args = [
+        torch.randint(0, n, (m,), generator=g),
+        torch.ones(m, dtype=dtype),
+        (torch.randn(n, c, c, generator=g) / c**0.5).to(dtype),
+        torch.randn(n, h, c, generator=g).to(dtype),
+        torch.randn(n, h, generator=g).to(dtype),
+        torch.randn(n, h, generator=g).to(dtype),
+        torch.randn(n, generator=g).to(dtype),
+    ]
     got = calgan_fast.routed_head_ref(x, *args)
-    want = calgan_fast.routed_head_ref(x.double(), *[t.double() if t.is_floating_point() else t for t in args])
+    want = calgan_fast.routed_head_ref(
+        x.double(), *[t.double() if t.is_floating_point() else t for t in args]
+    )
     for name, a, b in zip(["logits", "count", "mean", "var"], got, want):
         assert a.dtype == (torch.long if name == "count" else torch.float32)
         assert _rel(a, b) <= 1e-6 if name != "count" else torch.equal(a, b), name

@@ -23,15 +23,24 @@ def _tiny_yml(path: Path, data: Path, **train) -> Path:
     """A small user config (no base named): a few iterations on generated photos."""
     tr = {"pretrain_iter": 2, "total_iter": 2, "perceptual_opt": {"enabled": False}}
     tr.update(train)
-    cfg = {"name": "tiny", "device": "cpu",
-           "datasets": {"train": {"dataroot_gt": str(data), "gt_size": 16, "batch_size_per_gpu": 2,
-                                  "num_worker_per_gpu": 0},
-                        "val": {"dataroot_gt": str(data), "max_images": 1}},
-           "network_g": {"num_feat": 4, "num_conv": 1},
-           "network_d": {"num_feat": 4, "num_experts": 3},
-           "train": tr,
-           "logger": {"print_freq": 1, "sample_freq": 2, "save_checkpoint_freq": 2, "sample_crop_size": 32},
-           "val": {"val_freq": 2}}
+    cfg = {
+        "name": "tiny",
+        "device": "cpu",
+        "datasets": {
+            "train": {
+                "dataroot_gt": str(data),
+                "gt_size": 16,
+                "batch_size_per_gpu": 2,
+                "num_worker_per_gpu": 0,
+            },
+            "val": {"dataroot_gt": str(data), "max_images": 1},
+        },
+        "network_g": {"num_feat": 4, "num_conv": 1},
+        "network_d": {"num_feat": 4, "num_experts": 3},
+        "train": tr,
+        "logger": {"print_freq": 1, "sample_freq": 2, "save_checkpoint_freq": 2, "sample_crop_size": 32},
+        "val": {"val_freq": 2},
+    }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -54,9 +63,13 @@ def test_config_alone_starts_from_quickstart(tmp_path, capsys):
     assert cfg["network_g"]["type"] == "CompactSR"
     # A config can name its base; --preset must agree with it.
     yml.write_text("base: paper\n" + yml.read_text())
-    assert build_config(None, yml)["train"]["d_opt"]["lambda_d"] == PRESETS["paper"].get(
-        "train", {}).get("d_opt", {}).get("lambda_d", DEFAULTS["train"]["d_opt"]["lambda_d"])
-    assert load_config(None, yml)["train"]["d_opt"]["lambda_d"] == build_config(None, yml)["train"]["d_opt"]["lambda_d"]
+    assert build_config(None, yml)["train"]["d_opt"]["lambda_d"] == PRESETS["paper"].get("train", {}).get(
+        "d_opt", {}
+    ).get("lambda_d", DEFAULTS["train"]["d_opt"]["lambda_d"])
+    assert (
+        load_config(None, yml)["train"]["d_opt"]["lambda_d"]
+        == build_config(None, yml)["train"]["d_opt"]["lambda_d"]
+    )
     with pytest.raises(ConfigError, match="--preset quickstart but .*names base: paper"):
         build_config("quickstart", yml)
     # The run prints what differs from its base, and records the resolved config.
@@ -70,10 +83,24 @@ def test_config_alone_starts_from_quickstart(tmp_path, capsys):
 
 
 def test_set_is_typed_and_validated(tmp_path, capsys):
-    over = parse_sets(["train.total_iter=600", "train.optim_g.lr=2e-4", "network_d.routing=argmax",
-                       "train.grad_clip=null", "train.scheduler.milestones=[10, 20]"])
-    cfg = build_config("quickstart", sets=["train.total_iter=600", "train.optim_g.lr=2e-4",
-                                           "train.scheduler.milestones=[10, 20]", "train.grad_clip=0.5"])
+    over = parse_sets(
+        [
+            "train.total_iter=600",
+            "train.optim_g.lr=2e-4",
+            "network_d.routing=argmax",
+            "train.grad_clip=null",
+            "train.scheduler.milestones=[10, 20]",
+        ]
+    )
+    cfg = build_config(
+        "quickstart",
+        sets=[
+            "train.total_iter=600",
+            "train.optim_g.lr=2e-4",
+            "train.scheduler.milestones=[10, 20]",
+            "train.grad_clip=0.5",
+        ],
+    )
     assert over["train"]["total_iter"] == 600 and over["train"]["grad_clip"] is None
     assert cfg["train"]["total_iter"] == 600 and cfg["train"]["optim_g"]["lr"] == 2e-4
     assert cfg["train"]["scheduler"]["milestones"] == [10, 20] and cfg["train"]["grad_clip"] == 0.5
@@ -104,7 +131,10 @@ def test_resume_extends_and_finished_run_says_so(tmp_path, capsys):
     # Extend: a raised total_iter continues from iteration 4 and is recorded.
     part = tmp_path / "more.yml"
     part.write_text("logger:\n  print_freq: 2\n")
-    assert main(["train", "--out", str(run), "--resume", "--config", str(part), "--set", "train.total_iter=4"]) == 0
+    assert (
+        main(["train", "--out", str(run), "--resume", "--config", str(part), "--set", "train.total_iter=4"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "train.total_iter: 2 -> 4" in out and "logger.print_freq: 1 -> 2" in out
     assert [x["iter"] for x in _log(run)] == [1, 2, 3, 4, 6]
@@ -125,19 +155,46 @@ def test_missing_files_name_key_and_leave_no_run_folder(tmp_path, capsys, monkey
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     cases = [
-        (["--set", "datasets.train.dataroot_gt=photos"],
-         ["datasets.train.dataroot_gt = 'photos' (set in --set)", str(tmp_path / "photos"),
-          "relative to the current directory", "'samples'"]),
-        (["--set", "datasets.val.dataroot_gt=val_hr"],
-         ["datasets.val.dataroot_gt = 'val_hr'", "null to train without validation"]),
-        (["--set", "path.pretrain_network_g=psnr.pth"],
-         ["path.pretrain_network_g = 'psnr.pth' (set in --set)", str(tmp_path / "psnr.pth"),
-          "RRDB_PSNR_x4.pth", "train.pretrain_iter > 0"]),
-        (["--set", "train.perceptual_opt.enabled=true", "--set", "train.perceptual_opt.weights_path=vgg.pth"],
-         ["train.perceptual_opt.enabled = true (set in --set)", str(tmp_path / "vgg.pth"),
-          "vgg19-dcbb9e9d.pth", "enabled: false"]),
-        (["--set", "datasets.train.file_list=names.txt"],
-         ["datasets.train.file_list = 'names.txt'", "file not found"]),
+        (
+            ["--set", "datasets.train.dataroot_gt=photos"],
+            [
+                "datasets.train.dataroot_gt = 'photos' (set in --set)",
+                str(tmp_path / "photos"),
+                "relative to the current directory",
+                "'samples'",
+            ],
+        ),
+        (
+            ["--set", "datasets.val.dataroot_gt=val_hr"],
+            ["datasets.val.dataroot_gt = 'val_hr'", "null to train without validation"],
+        ),
+        (
+            ["--set", "path.pretrain_network_g=psnr.pth"],
+            [
+                "path.pretrain_network_g = 'psnr.pth' (set in --set)",
+                str(tmp_path / "psnr.pth"),
+                "RRDB_PSNR_x4.pth",
+                "train.pretrain_iter > 0",
+            ],
+        ),
+        (
+            [
+                "--set",
+                "train.perceptual_opt.enabled=true",
+                "--set",
+                "train.perceptual_opt.weights_path=vgg.pth",
+            ],
+            [
+                "train.perceptual_opt.enabled = true (set in --set)",
+                str(tmp_path / "vgg.pth"),
+                "vgg19-dcbb9e9d.pth",
+                "enabled: false",
+            ],
+        ),
+        (
+            ["--set", "datasets.train.file_list=names.txt"],
+            ["datasets.train.file_list = 'names.txt'", "file not found"],
+        ),
     ]
     for extra, parts in cases:
         assert main(["train", "--config", str(yml), "--out", str(run), *extra]) == 2, extra
@@ -195,8 +252,24 @@ def test_third_party_warnings_keep_their_origin():
 def test_samples_logs_and_console(tmp_path, capsys):
     yml = _tiny_yml(tmp_path / "my.yml", _photos(tmp_path / "data"), total_iter=2)
     run = tmp_path / "run"
-    assert main(["train", "--config", str(yml), "--out", str(run), "--set", "logger.sample_crops=2",
-                 "--set", "logger.sample_images=2", "--set", "datasets.val.max_images=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(yml),
+                "--out",
+                str(run),
+                "--set",
+                "logger.sample_crops=2",
+                "--set",
+                "logger.sample_images=2",
+                "--set",
+                "datasets.val.max_images=2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
     text = out.out + out.err
     assert "validation, iteration 2 (phase 1" in text and "bicubic:" in text
@@ -236,8 +309,10 @@ def test_routing_panel_usage_is_what_the_map_shows():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("CALGAN_FAST_SLOW_TESTS", "0") in ("", "0"),
-                    reason="runs phase 1 of the quickstart preset (about a minute); set CALGAN_FAST_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    os.environ.get("CALGAN_FAST_SLOW_TESTS", "0") in ("", "0"),
+    reason="runs phase 1 of the quickstart preset (about a minute); set CALGAN_FAST_SLOW_TESTS=1",
+)
 def test_quickstart_phase1_beats_bicubic(tmp_path, monkeypatch):
     monkeypatch.setenv("CALGAN_FAST_HOME", str(tmp_path / "home"))
     cfg = load_config("quickstart", overrides={"train": {"total_iter": 0}})

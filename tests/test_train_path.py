@@ -31,8 +31,12 @@ def test_discriminator_total_is_the_configured_weighted_sum(run):
     lines = [x for x in _log(path) if x["phase"] == 2]
     assert lines
     for x in lines:
-        want = (LAMBDAS["lambda_b"] * x["d_balance"] + LAMBDAS["lambda_o"] * x["d_ortho"]
-                + LAMBDAS["lambda_d"] * x["d_dist"] + LAMBDAS["lambda_dis"] * x["d_adv"])
+        want = (
+            LAMBDAS["lambda_b"] * x["d_balance"]
+            + LAMBDAS["lambda_o"] * x["d_ortho"]
+            + LAMBDAS["lambda_d"] * x["d_dist"]
+            + LAMBDAS["lambda_dis"] * x["d_adv"]
+        )
         assert x["d_total"] == pytest.approx(want, rel=1e-5, abs=1e-7)
 
 
@@ -44,7 +48,9 @@ def test_discriminator_scheduler_steps_once_per_iteration(run):
     lr = float(cfg["train"]["optim_d"]["lr"])
     decays = sum(m <= d_steps for m in cfg["train"]["scheduler"]["milestones"])
     assert decays >= 1
-    assert st["opt_d"]["param_groups"][0]["lr"] == pytest.approx(lr * cfg["train"]["scheduler"]["gamma"] ** decays)
+    assert st["opt_d"]["param_groups"][0]["lr"] == pytest.approx(
+        lr * cfg["train"]["scheduler"]["gamma"] ** decays
+    )
 
 
 def test_validation_measures_the_ema_generator(run):

@@ -124,11 +124,32 @@ def _compile_all(dtype: str) -> None:
     assert not k.INTERPRET
     rh, ro = k.routed_head, k.routing
     acc = "fp32"
-    types = {"perm_ptr": "*i64", "offsets_ptr": "*i64", "expert_ptr": "*i64", "count_ptr": "*i64",
-             "seg_off_ptr": "*i64", "off_a_ptr": "*i64", "off_b_ptr": "*i64", "tile_off_ptr": "*i64",
-             "blk_count_ptr": "*i32", "blk_base_ptr": "*i32"}
-    for nm in ("tile_sum", "tile_m2", "gmean", "gvar", "mean", "var", "cls_part", "proj_part", "part", "out",
-               "dh", "d_part"):
+    types = {
+        "perm_ptr": "*i64",
+        "offsets_ptr": "*i64",
+        "expert_ptr": "*i64",
+        "count_ptr": "*i64",
+        "seg_off_ptr": "*i64",
+        "off_a_ptr": "*i64",
+        "off_b_ptr": "*i64",
+        "tile_off_ptr": "*i64",
+        "blk_count_ptr": "*i32",
+        "blk_base_ptr": "*i32",
+    }
+    for nm in (
+        "tile_sum",
+        "tile_m2",
+        "gmean",
+        "gvar",
+        "mean",
+        "var",
+        "cls_part",
+        "proj_part",
+        "part",
+        "out",
+        "dh",
+        "d_part",
+    ):
         types[nm + "_ptr"] = "*" + acc
     for nm in (
         "tile_expert",
@@ -169,8 +190,11 @@ def _compile_all(dtype: str) -> None:
             (rh._routed_head_bwd_dy_kernel, dict(head, BLOCK_N=cfg.dy_n, SINGLE=c <= cfg.dy_n), opts),
             (rh._routed_head_bwd_dx_kernel, gemm, opts),
             (rh._routed_head_bwd_dproj_kernel, gemm, opts),
-            (rh._routed_head_bwd_dw1_kernel, {a: v for a, v in gemm.items() if a != "BLOCK_N"} | {"BLOCK_H": c // 8},
-             opts),
+            (
+                rh._routed_head_bwd_dw1_kernel,
+                {a: v for a, v in gemm.items() if a != "BLOCK_N"} | {"BLOCK_H": c // 8},
+                opts,
+            ),
         ]
     for fn, consts, options in kernels:
         sig = {

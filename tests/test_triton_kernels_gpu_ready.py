@@ -55,7 +55,9 @@ def test_constexpr_launch_arguments_do_not_depend_on_m(interp, monkeypatch):
         seen[m] = {k: v for k, v in log.items() if k != "_group_sum_kernel" and k != "_stats_group_kernel"}
     assert seen[50].keys() <= seen[700].keys()
     for name, kw in seen[50].items():
-        assert kw == seen[700][name], f"{name}: constexpr arguments {kw} at M = 50, {seen[700][name]} at M = 700"
+        assert kw == seen[700][name], (
+            f"{name}: constexpr arguments {kw} at M = 50, {seen[700][name]} at M = 700"
+        )
 
 
 def test_fp16_small_logit_gradients_keep_dw1(interp):
@@ -63,10 +65,13 @@ def test_fp16_small_logit_gradients_keep_dw1(interp):
     fp16, so dW1 must be formed from an fp32 dh."""
     x, expert, gate, proj, w1, b1, w2, b2 = make_inputs(96, 8, 2, 4, dtype=torch.float64, seed=4)
     x, proj, w2 = x * 4.0, proj * 4.0, w2 * 0.05
-    scale = 2.0 ** -20
+    scale = 2.0**-20
 
     def grad_w1(dtype, backend):
-        args = [t.detach().to(dtype).clone() if t.is_floating_point() else t for t in (x, expert, gate, proj, w1, b1, w2, b2)]
+        args = [
+            t.detach().to(dtype).clone() if t.is_floating_point() else t
+            for t in (x, expert, gate, proj, w1, b1, w2, b2)
+        ]
         args[4].requires_grad_(True)
         out = calgan_fast.routed_head(*args, backend=backend)
         (out.logits.sum() * scale).backward()
@@ -76,4 +81,6 @@ def test_fp16_small_logit_gradients_keep_dw1(interp):
     got = grad_w1(torch.float16, "triton")
     err = (got - want).abs().max().item()
     assert want.abs().max().item() > 1e-5
-    assert err <= 0.02 * want.abs().max().item(), f"dW1 error {err:.3g}, max |dW1| {want.abs().max().item():.3g}"
+    assert err <= 0.02 * want.abs().max().item(), (
+        f"dW1 error {err:.3g}, max |dW1| {want.abs().max().item():.3g}"
+    )

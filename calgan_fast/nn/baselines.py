@@ -68,8 +68,10 @@ class VGGStyleDiscriminator(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f"x: expected (B, {self.num_in_ch}, H, W), got {tuple(x.shape)}")
         if x.shape[2] != self.input_size or x.shape[3] != self.input_size:
-            raise ValueError(f"x: VGGStyleDiscriminator takes {self.input_size}x{self.input_size} images "
-                             f"(datasets.train.gt_size), got {x.shape[2]}x{x.shape[3]}")
+            raise ValueError(
+                f"x: VGGStyleDiscriminator takes {self.input_size}x{self.input_size} images "
+                f"(datasets.train.gt_size), got {x.shape[2]}x{x.shape[3]}"
+            )
         h = x
         for i in range(self.num_stages):
             h = getattr(self, f"conv{i}_0")(h)
@@ -102,8 +104,16 @@ class UNetDiscriminatorSN(nn.Module):
             return spectral_norm(nn.Conv2d(cin, cout, k, s, 1, bias=False))
 
         self.conv0 = nn.Conv2d(num_in_ch, nf, 3, 1, 1)
-        self.conv1, self.conv2, self.conv3 = sn(nf, 2 * nf, 4, 2), sn(2 * nf, 4 * nf, 4, 2), sn(4 * nf, 8 * nf, 4, 2)
-        self.conv4, self.conv5, self.conv6 = sn(8 * nf, 4 * nf, 3, 1), sn(4 * nf, 2 * nf, 3, 1), sn(2 * nf, nf, 3, 1)
+        self.conv1, self.conv2, self.conv3 = (
+            sn(nf, 2 * nf, 4, 2),
+            sn(2 * nf, 4 * nf, 4, 2),
+            sn(4 * nf, 8 * nf, 4, 2),
+        )
+        self.conv4, self.conv5, self.conv6 = (
+            sn(8 * nf, 4 * nf, 3, 1),
+            sn(4 * nf, 2 * nf, 3, 1),
+            sn(2 * nf, nf, 3, 1),
+        )
         self.conv7, self.conv8 = sn(nf, nf, 3, 1), sn(nf, nf, 3, 1)
         self.conv9 = nn.Conv2d(nf, 1, 3, 1, 1)
 
@@ -111,7 +121,9 @@ class UNetDiscriminatorSN(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.num_in_ch:
             raise ValueError(f"x: expected (B, {self.num_in_ch}, H, W), got {tuple(x.shape)}")
         if x.shape[2] % 8 or x.shape[3] % 8:
-            raise ValueError(f"x: UNetDiscriminatorSN needs H and W multiples of 8, got {x.shape[2]}x{x.shape[3]}")
+            raise ValueError(
+                f"x: UNetDiscriminatorSN needs H and W multiples of 8, got {x.shape[2]}x{x.shape[3]}"
+            )
 
         def act(t):
             return F.leaky_relu(t, LRELU_SLOPE)
@@ -140,8 +152,16 @@ class UNetDiscriminatorSN(nn.Module):
 DISCRIMINATOR_TYPES = ("CALGANDiscriminator", "VGGStyleDiscriminator", "UNetDiscriminatorSN")
 
 # network_d keys each type reads (the others must keep their defaults or are ignored).
-_CALGAN_KEYS = ("num_feat", "num_experts", "hidden", "routing", "tau", "share_classifier", "backend",
-                "patch_size")
+_CALGAN_KEYS = (
+    "num_feat",
+    "num_experts",
+    "hidden",
+    "routing",
+    "tau",
+    "share_classifier",
+    "backend",
+    "patch_size",
+)
 
 
 def build_discriminator(spec: Mapping, gt_size: int | None = None) -> nn.Module:
@@ -158,17 +178,22 @@ def build_discriminator(spec: Mapping, gt_size: int | None = None) -> nn.Module:
     if kind == "VGGStyleDiscriminator":
         size = 128 if gt_size is None else gt_size
         if size not in (128, 256):
-            raise ValueError(f"network_d.type = VGGStyleDiscriminator takes 128x128 or 256x256 crops: "
-                             f"datasets.train.gt_size = {size!r}")
+            raise ValueError(
+                f"network_d.type = VGGStyleDiscriminator takes 128x128 or 256x256 crops: "
+                f"datasets.train.gt_size = {size!r}"
+            )
         return VGGStyleDiscriminator(3, spec.get("num_feat", 64), size)
     if kind == "UNetDiscriminatorSN":
         return UNetDiscriminatorSN(3, spec.get("num_feat", 64))
     raise ValueError(f"network_d.type = {kind!r}; expected one of {list(DISCRIMINATOR_TYPES)}")
 
 
-def plain_discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str = "relativistic",
-                             real: Tensor | None = None) -> dict:
-    """The standard GAN loss of D on one (HR, SR) batch: ``adv`` (= ``total``), ``acc_d_real``, ``acc_d_fake``.
+def plain_discriminator_loss(
+    D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str = "relativistic", real: Tensor | None = None
+) -> dict:
+    """The standard GAN loss of D on one (HR, SR) batch.
+
+    Returns ``adv`` (= ``total``), ``acc_d_real`` and ``acc_d_fake``.
 
     ``real``: D's logits of ``hr`` computed with gradient by the caller (one real pass per step);
     by default computed here. ``sr`` is detached; its pass leaves BatchNorm running statistics alone.
@@ -184,8 +209,9 @@ def plain_discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str
     return {"adv": adv, "total": adv, "acc_d_real": acc_real, "acc_d_fake": acc_fake}
 
 
-def plain_generator_loss(D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str = "relativistic",
-                         real: Tensor | None = None) -> Tensor:
+def plain_generator_loss(
+    D: nn.Module, hr: Tensor, sr: Tensor, gan_type: str = "relativistic", real: Tensor | None = None
+) -> Tensor:
     """The generator's standard GAN loss: D's parameters get no gradient, ``sr`` does.
 
     ``real``: D's logits of ``hr`` when the caller has them (detached here); by default computed
