@@ -333,15 +333,29 @@ class CALGANDiscriminator(nn.Module):
             raise ValueError(f"routing: made for {routing.probs.shape[1]} experts, this "
                              f"discriminator has {self.num_experts}")
 
+    def _features(self, x: Tensor, own_stats: bool) -> Tensor:
+        if not own_stats:
+            return self.features(x)
+        if any(isinstance(m, nn.SyncBatchNorm) for m in self.features.modules()):
+            # SyncBatchNorm keeps its own forward (its statistics span the processes in training).
+            ctx = real_statistics_only if self.training else batch_statistics
+            with ctx(self.features):
+                return self.features(x)
+        # Layer by layer, each BatchNorm as the functional batch norm of the batch's statistics:
+        # the same numbers as training mode, no state changed, and traceable by torch.compile.
+        for layer in self.features:
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                x = F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+            else:
+                x = layer(x)
+        return x
+
     def forward(self, x: Tensor, routing: Routing | None = None, return_aux: bool = False):
         self._check_input(x)
-        if not self.training:
-            stats = batch_statistics if self.config.eval_bn == "batch" else contextlib.nullcontext
-        else:
-            # A given routing marks the fake image of a pair: no running-statistics update.
-            stats = real_statistics_only if routing is not None else contextlib.nullcontext
-        with stats(self.features):
-            feats = self.features(x)  # (B, c, h, w)
+        # Eval mode with eval_bn="batch", and the fake image of a pair in training (marked by a given
+        # routing): BatchNorm with the batch's own statistics, running statistics untouched.
+        own_stats = (self.config.eval_bn == "batch") if not self.training else routing is not None
+        feats = self._features(x, own_stats)  # (B, c, h, w)
         b, c, h, w = feats.shape
         if routing is None:
             routing = self.route(self.router(feats))

@@ -103,8 +103,14 @@ class Backend:
         return (num_experts, c, c) if self.keeps_xcov else (0,)
 
     def available(self) -> tuple[bool, str]:
-        """``(True, "")`` when it can run here, else ``(False, how to get it)``."""
-        return self.probe()
+        """``(True, "")`` when it can run here, else ``(False, how to get it)``.
+
+        Probed once per process (what is built and installed does not change while it runs), so
+        that a compiled graph reads a cached answer instead of tracing the probe."""
+        found = _AVAILABLE.get(self.name)
+        if found is None:
+            found = _AVAILABLE[self.name] = self.probe()
+        return found
 
     def runs_on(self, device: torch.device) -> bool:
         if device.type in self.devices:
@@ -115,7 +121,15 @@ class Backend:
         return dtype is None or dtype in self.dtypes
 
     def impl(self) -> ModuleType:
-        return importlib.import_module(self.module)
+        # Imported once, then looked up: torch.compile traces a dictionary read, not an import.
+        mod = _IMPLS.get(self.module)
+        if mod is None:
+            mod = _IMPLS[self.module] = importlib.import_module(self.module)
+        return mod
+
+
+_IMPLS: dict[str, ModuleType] = {}
+_AVAILABLE: dict[str, tuple[bool, str]] = {}
 
 
 BACKENDS: dict[str, Backend] = {

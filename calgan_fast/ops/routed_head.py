@@ -184,6 +184,11 @@ def backend_ops(name: str) -> tuple:
 for _name, _backend in BACKENDS.items():
     if _backend.fused:
         backend_ops(_name)
+    elif _backend.available()[0]:
+        _backend.impl()  # plain PyTorch, cheap to import; keeps the import out of compiled graphs
+# The CPU-tensor backends' probes (no Triton import): `auto` on CPU then traces no probe.
+for _name in ("cpu", "torch"):
+    BACKENDS[_name].available()
 
 
 @torch.library.custom_op("calgan_fast::expert_ids", mutates_args=())
