@@ -12,7 +12,8 @@ import calgan_fast
 from calgan_fast.data import PairedFolderDataset, write_image
 from calgan_fast.ops import resolve_backend
 from calgan_fast.train import train
-from calgan_fast.train.evaluate import evaluate_pairs, write_results
+from calgan_fast.data import write_image
+from calgan_fast.train.evaluate import evaluate_folders, write_results
 from calgan_fast.train.inference import EMA
 
 from .test_train import _photos, _tiny
@@ -102,24 +103,34 @@ def test_backend_variable_is_named_in_its_error(monkeypatch):
         resolve_backend("nope", torch.device("cpu"))
 
 
-def test_metrics_json_is_strict_json(tmp_path):
+def _same_image_folders(tmp_path):
     img = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
-    res = evaluate_pairs([("same.png", img, img.copy())], scale=4)
-    assert res["images"][0]["psnr"] == float("inf")
-    write_results(res, tmp_path)
+    for sub in ("gt", "sr"):
+        (tmp_path / sub).mkdir()
+        write_image(tmp_path / sub / "same.png", img)
+    return tmp_path / "sr", tmp_path / "gt"
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    sr, gt = _same_image_folders(tmp_path)
+    res = evaluate_folders(sr, gt, scale=4)
+    (result,) = res["sets"]["gt"].values()
+    assert result["images"][0]["psnr"] == float("inf")
+    write_results(res, tmp_path / "out")
 
     def no_constants(name):
         raise ValueError(f"non-standard JSON constant {name}")
 
-    data = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=no_constants)
-    assert data["images"][0]["psnr"] == "inf" and data["mean"]["psnr"] == "inf"
-    assert data["images"][0]["ssim"] == pytest.approx(1.0)
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=no_constants)
+    (saved,) = data["sets"]["gt"].values()
+    assert saved["images"][0]["psnr"] == "inf" and saved["mean"]["psnr"] == "inf"
+    assert saved["images"][0]["ssim"] == pytest.approx(1.0)
 
 
-def test_eval_rejects_a_scale_below_one():
-    img = np.zeros((32, 32, 3), np.uint8)
+def test_eval_rejects_a_scale_below_one(tmp_path):
+    sr, gt = _same_image_folders(tmp_path)
     with pytest.raises(ValueError, match="scale: must be an integer >= 1, got 0"):
-        evaluate_pairs([("a.png", img, img)], scale=0)
+        evaluate_folders(sr, gt, scale=0)
 
 
 # ---------------------------------------------------------------- training path
