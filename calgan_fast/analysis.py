@@ -222,13 +222,7 @@ def _projected(net_d, feats: Tensor, expert: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _run(net_d, x: Tensor, routing=None):
-    captured = {}
-    hook = net_d.features.register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))
-    try:
-        out = net_d(x, routing=routing, return_aux=True)
-    finally:
-        hook.remove()
-    return out, captured["f"]
+    return net_d(x, routing=routing, return_aux=True), net_d.feature_map(x, routing)
 
 
 def _figure_maps(path: Path, panels: list, legend_experts: list[int], num_experts: int) -> None:

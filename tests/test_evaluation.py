@@ -69,8 +69,9 @@ def offline_cache(tmp_path, monkeypatch):
     from pyiqa.utils import download_util
 
     cache = tmp_path / "cache"
-    old = hub.get_dir()
-    hub.set_dir(str(cache / "hub"))
+    # torch.hub.set_dir pins the folder for the rest of the process; monkeypatch restores the unset
+    # state afterwards, so later tests see $TORCH_HOME again.
+    monkeypatch.setattr(hub, "_hub_dir", str(cache / "hub"))
     monkeypatch.setattr(download_util, "DEFAULT_CACHE_DIR", str(cache / "hub" / "pyiqa"))
 
     def offline(url, dst, *a, **k):
@@ -79,7 +80,6 @@ def offline_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "download_url_to_file", offline)
     monkeypatch.setattr(download_util, "download_url_to_file", offline)
     yield cache
-    hub.set_dir(old)
 
 
 # ------------------------------------------------------------------ metrics

@@ -363,7 +363,7 @@ def test_eval_mode_routes_and_scores_as_training():
         opt = torch.optim.Adam(D.parameters(), 1e-3, betas=(0.9, 0.99))
         for _ in range(100):
             hr, sr = _real_and_degraded(8, g)
-            d = discriminator_loss(D, hr, sr, {"dist": 0.1})
+            d = discriminator_loss(D, hr, sr, {"lambda_d": 0.1})
             opt.zero_grad()
             d["total"].backward()
             opt.step()

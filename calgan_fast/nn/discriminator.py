@@ -333,7 +333,14 @@ class CALGANDiscriminator(nn.Module):
             raise ValueError(f"routing: made for {routing.probs.shape[1]} experts, this "
                              f"discriminator has {self.num_experts}")
 
-    def _features(self, x: Tensor, own_stats: bool) -> Tensor:
+    def feature_map(self, x: Tensor, routing: Routing | None = None) -> Tensor:
+        """The feature extractor's output ``(B, c, H/p, W/p)`` for ``x``, as :meth:`forward` computes it.
+
+        In eval mode with ``eval_bn="batch"``, and for the fake image of a pair in training (marked
+        by a given ``routing``), BatchNorm uses the batch's own statistics and leaves the running
+        statistics untouched.
+        """
+        own_stats = (self.config.eval_bn == "batch") if not self.training else routing is not None
         if not own_stats:
             return self.features(x)
         if any(isinstance(m, nn.SyncBatchNorm) for m in self.features.modules()):
@@ -352,10 +359,7 @@ class CALGANDiscriminator(nn.Module):
 
     def forward(self, x: Tensor, routing: Routing | None = None, return_aux: bool = False):
         self._check_input(x)
-        # Eval mode with eval_bn="batch", and the fake image of a pair in training (marked by a given
-        # routing): BatchNorm with the batch's own statistics, running statistics untouched.
-        own_stats = (self.config.eval_bn == "batch") if not self.training else routing is not None
-        feats = self._features(x, own_stats)  # (B, c, h, w)
+        feats = self.feature_map(x, routing)  # (B, c, h, w)
         b, c, h, w = feats.shape
         if routing is None:
             routing = self.route(self.router(feats))

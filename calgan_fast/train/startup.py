@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, with_process_batch
 
 __all__ = ["LazyWriter", "check_files", "chance_window", "describe_changes", "estimate_step_memory",
            "memory_warning", "select_subset"]
@@ -101,9 +101,11 @@ def estimate_step_memory(cfg: Mapping) -> int:
     Measured with the real networks on the ``meta`` device (nothing is allocated); parameters,
     optimiser states and the perceptual network's own activations are added roughly.
     """
-    from .. import CALGANDiscriminator
     from ..archs import build_generator
+    from ..nn.baselines import build_discriminator
 
+
+    cfg = with_process_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     tr = cfg["datasets"]["train"]
     b, hr, s = tr["batch_size_per_gpu"], tr["gt_size"], cfg["scale"]
     spec = dict(cfg["network_g"])
@@ -111,7 +113,7 @@ def estimate_step_memory(cfg: Mapping) -> int:
     name = spec.pop("type")
     with torch.device("meta"):
         g = build_generator(name, **spec)
-        d = CALGANDiscriminator(**cfg["network_d"])
+        d = build_discriminator(cfg["network_d"], hr)
         lq = torch.empty(b, 3, hr // s, hr // s, requires_grad=True)
         x = torch.empty(b, 3, hr, hr, requires_grad=True)
         total = _saved_bytes(g, lq)
@@ -132,6 +134,7 @@ def memory_warning(cfg: Mapping, device: torch.device | str) -> str | None:
     except Exception:  # an architecture that does not run on meta tensors: no estimate
         return None
     dev = torch.device(device)
+    cfg = with_process_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     tr = cfg["datasets"]["train"]
     what = (f"about {need / 2**30:.1f} GB for one step (batch {tr['batch_size_per_gpu']} of "
             f"{tr['gt_size']}x{tr['gt_size']} crops, {cfg['network_g']['type']})")
