@@ -53,6 +53,8 @@ def forward(
         torch.addmv(b2[e].to(acc), z, w2[e].to(acc), out=logits_s[lo:hi])
         mean[e] = y.mean(0)
         # The variance from the centred gated rows: exact however large the mean is against the spread.
+        # A second GEMM on purpose: the logits come from y itself, not from the centred rows, so that a
+        # NaN in one row stays in that row's logit (centring would spread it over the expert's rows).
         var[e] = torch.mm(_centred(xs[lo:hi] * gs[lo:hi, None]), o_e.t()).square().mean()
     logits = torch.empty_like(logits_s).index_copy_(0, perm, logits_s)
     return logits.to(x.dtype), count, mean, var, perm, offsets, mean.new_empty(0)
