@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,10 +24,16 @@ __all__ = [
     "generator_adversarial_loss",
     "orthogonal_loss",
     "resolve_weights",
+    "router_z_loss",
 ]
 
-#: The paper's weights of L_D = λ_b L_b + λ_o L_o + λ_d L_dist + λ_dis L_dis.
-DEFAULT_WEIGHTS: dict[str, float] = {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0}
+#: Modes of :func:`balancing_loss`.
+BALANCE_MODES = ("paper", "switch", "usage", "entropy")
+
+#: The paper's weights of L_D = λ_b L_b + λ_o L_o + λ_d L_dist + λ_dis L_dis, and the router
+#: z-loss's λ_z (not in the paper: 0).
+DEFAULT_WEIGHTS: dict[str, float] = {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0,
+                                     "lambda_z": 0.0}
 
 
 def resolve_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -45,9 +52,17 @@ def balancing_loss(probs: Tensor, expert: Tensor, mode: str = "paper") -> Tensor
 
     Args:
         probs: ``(B, N, h, w)`` router softmax R'. expert: ``(B, h, w)`` top-1 ids.
-        mode: ``"paper"`` (Eq. 4): ``(N/M) · Σ_p max_k R'[p, k]``. ``"switch"`` (the authors' code):
-            ``mean_{b,i}(f[b,i] · P[b,i]) · N² / (h·w)``, f the fraction of image b's pixels routed to
-            i and P the mean of R'[:, i] over them.
+        mode:
+
+            - ``"paper"`` (Eq. 4): ``(N/M) · Σ_p max_k R'[p, k]``. It is lowest when every pixel's
+              router output is flat, whatever the experts' usage.
+            - ``"switch"`` (the authors' code): ``mean_{b,i}(f[b,i] · P[b,i]) · N² / (h·w)``, f the
+              fraction of image b's pixels routed to i and P the mean of R'[:, i] over them.
+            - ``"usage"``: the Switch Transformer's term over the whole batch,
+              ``N · Σ_i f_i · P_i``, f_i the fraction of the batch's pixels routed to i and P_i the
+              mean of R'[:, i] over all of them; 1 at even usage. It balances the experts' usage
+              over the batch and leaves each pixel free to choose its expert with confidence.
+            - ``"entropy"``: ``1 − H(P) / log N``, P the batch mean of R'; 0 at even mean usage.
     """
     if probs.dim() != 4:
         raise ValueError(f"probs: expected (B, N, h, w), got {tuple(probs.shape)}")
@@ -60,7 +75,22 @@ def balancing_loss(probs: Tensor, expert: Tensor, mode: str = "paper") -> Tensor
         f = F.one_hot(expert.long(), n).to(probs.dtype).mean(dim=(1, 2))  # (B, N)
         p = probs.mean(dim=(2, 3))  # (B, N)
         return (f * p).mean() * (n * n) / (h * w)
-    raise ValueError(f"mode: expected 'paper' or 'switch', got {mode!r}")
+    if mode == "usage":
+        f = torch.bincount(expert.reshape(-1).long(), minlength=n).to(probs.dtype) / expert.numel()
+        return n * (f * probs.mean(dim=(0, 2, 3))).sum()
+    if mode == "entropy":
+        p = probs.float().mean(dim=(0, 2, 3))
+        ent = -(p * p.clamp_min(1e-12).log()).sum()
+        return 1.0 - ent / math.log(n) if n > 1 else ent * 0.0
+    raise ValueError(f"mode: expected one of {list(BALANCE_MODES)}, got {mode!r}")
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """The router z-loss of ST-MoE: the mean over pixels of ``logsumexp_k(logits[:, k])²``.
+    logits: ``(B, N, h, w)``. It keeps the router's logits small, so the softmax stays responsive."""
+    if logits.dim() != 4:
+        raise ValueError(f"logits: expected (B, N, h, w), got {tuple(logits.shape)}")
+    return torch.logsumexp(logits.float(), dim=1).square().mean()
 
 
 def orthogonal_loss(proj: Tensor) -> Tensor:
@@ -151,12 +181,16 @@ def discriminator_loss(D: nn.Module, hr: Tensor, sr: Tensor, weights: Mapping[st
     l_d, l_btw, l_wi = distribution_loss(real.stats, return_parts=True)
     l_adv = gan_loss(real.logits, fake.logits, gan_type, for_discriminator=True)
     total = w["lambda_b"] * l_b + w["lambda_o"] * l_o + w["lambda_d"] * l_d + w["lambda_dis"] * l_adv
+    extra = {}
+    if w["lambda_z"] and real.routing.logits is not None:
+        extra["z"] = router_z_loss(real.routing.logits)
+        total = total + w["lambda_z"] * extra["z"]
     acc_real, acc_fake = _accuracy(real.logits, fake.logits, gan_type)
     stats = ExpertStats(real.stats.count, real.stats.mean.detach(), real.stats.var.detach())
     return {
         "balance": l_b, "ortho": l_o, "dist": l_d, "dist_between": l_btw, "dist_within": l_wi,
         "adv": l_adv, "total": total, "acc_d_real": acc_real, "acc_d_fake": acc_fake,
-        "routing": real.routing.detach(), "stats": stats,
+        "routing": real.routing.detach(), "stats": stats, **extra,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,15 +41,19 @@ class Routing:
         gate: ``(B, h, w)`` gate value, 1.0 in the forward pass; in training it carries the
             straight-through gradient of the router.
         probs: ``(B, N, h, w)`` router softmax R'.
+        logits: ``(B, N, h, w)`` router logits (fp32) when the discriminator routed this batch
+            itself, for the router z-loss; ``None`` for a routing passed in.
     """
 
     expert: Tensor
     gate: Tensor
     probs: Tensor
+    logits: Tensor | None = None
 
     def detach(self) -> Routing:
         """The same routing with no gradient: reused for the SR image of a pair, gate 1.0."""
-        return Routing(self.expert.detach(), self.gate.detach(), self.probs.detach())
+        logits = None if self.logits is None else self.logits.detach()
+        return Routing(self.expert.detach(), self.gate.detach(), self.probs.detach(), logits)
 
     @property
     def num_experts(self) -> int:
@@ -219,7 +224,11 @@ class CALGANDiscriminator(nn.Module):
         hidden: classifier hidden width ``hdim`` (default ``c // 8``).
         routing: ``"gumbel"`` (hard Gumbel-softmax in training) or ``"argmax"``. Eval mode always
             routes by argmax.
-        tau: Gumbel-softmax temperature.
+        tau: temperature of the training routing: the expert of a pixel is sampled from
+            ``softmax(logits / tau)`` (hard Gumbel-softmax of ``logits / tau``, straight-through
+            gradient). Below 1 the router's favourite is sampled more often, above 1 less. (A hard
+            Gumbel-softmax's own temperature changes only the gradient, never the sample; at
+            ``tau = 1`` the two agree.)
         share_classifier: one classifier for all experts, as in the authors' code.
         backend: routed-head backend (see :func:`calgan_fast.routed_head`).
         patch_size: p, the image patch of one feature pixel (1, 2, 4, 8 or 16; see
@@ -280,6 +289,61 @@ class CALGANDiscriminator(nn.Module):
         self.b1.zero_()
         self.b2.zero_()
 
+    def set_tau(self, tau: float) -> None:
+        """Sets the Gumbel-softmax temperature of the training routing (for annealing schedules)."""
+        self.config = dataclasses.replace(self.config, tau=float(tau))
+
+    @torch.no_grad()
+    def revive_experts(self, usage: Tensor, threshold: float | None = None, optimizer=None,
+                       generator: torch.Generator | None = None) -> list[int]:
+        """Gives each silent expert half of the pixels of the busiest one; returns the revived ids.
+
+        ``usage``: ``(N,)`` shares of the routed pixels (e.g. an average over recent batches).
+        An expert is silent when its share is at most ``threshold`` (default ``1 / (4N)``, the
+        ``experts_alive`` rule of :mod:`calgan_fast.analysis`). Each silent expert, in turn, takes
+        the router row of the expert with the largest remaining share (plus noise of 1 % of that
+        row's spread, so that ties split the pixels), and that share is halved. With a classifier
+        per expert, the silent expert's classifier becomes the busy expert's composed with the
+        change of projection (``w1_d = w1_b O_b pinv(O_d)``): both score their pixels alike at
+        first, while the projections stay distinct (orthogonality is unchanged). ``optimizer``:
+        its per-parameter state (Adam's moments) of the rewritten rows is zeroed.
+        """
+        n = self.num_experts
+        share = torch.as_tensor(usage, dtype=torch.float64).flatten().cpu().clone()
+        if share.numel() != n:
+            raise ValueError(f"usage: expected {n} shares, got {share.numel()}")
+        limit = 1.0 / (4 * n) if threshold is None else float(threshold)
+        silent = [int(i) for i in torch.nonzero(share <= limit).flatten()]
+        if not silent or len(silent) == n:
+            return []
+        w, b = self.router.weight, self.router.bias  # (N, c, 1, 1), (N,)
+        per_expert = self.w1.shape[0] == n
+        rows: list[tuple[int, int]] = []
+        for d in silent:
+            share[d] = -1.0
+            src = int(share.argmax())
+            share[src] /= 2
+            share[d] = share[src]
+            spread = w[src].std().clamp_min(1e-6)
+            noise = torch.randn(w[src].shape, generator=generator, dtype=torch.float32).to(w)
+            w[d].copy_(w[src] + 0.01 * spread * noise)
+            b[d].copy_(b[src])
+            if per_expert:
+                o_src, o_d = self.proj[src].float(), self.proj[d].float()
+                self.w1[d].copy_(self.w1[src].float() @ o_src @ torch.linalg.pinv(o_d))
+                self.b1[d].copy_(self.b1[src])
+                self.w2[d].copy_(self.w2[src])
+                self.b2[d].copy_(self.b2[src])
+            rows.append((d, src))
+        if optimizer is not None:
+            params = [w, b] + ([self.w1, self.b1, self.w2, self.b2] if per_expert else [])
+            for p in params:
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        for d, _ in rows:
+                            value[d].zero_()
+        return [d for d, _ in rows]
+
     def head_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(proj, w1, b1, w2, b2)`` with the classifier expanded to N experts when shared."""
         num_experts = self.num_experts
@@ -306,9 +370,10 @@ class CALGANDiscriminator(nn.Module):
 
     def route(self, logits: Tensor) -> Routing:
         """Routing from router logits ``(B, N, h, w)``."""
-        probs = torch.softmax(logits.float(), dim=1)
+        logits = logits.float()
+        probs = torch.softmax(logits, dim=1)
         if self.training and self.config.routing == "gumbel":
-            y = F.gumbel_softmax(logits.float(), tau=self.config.tau, hard=True, dim=1)
+            y = F.gumbel_softmax(logits / self.config.tau, tau=1.0, hard=True, dim=1)
             expert = y.argmax(1)
             gate = y.gather(1, expert[:, None]).squeeze(1)
         else:
@@ -319,7 +384,7 @@ class CALGANDiscriminator(nn.Module):
                 gate = (p - p.detach()) + 1.0  # exactly 1.0: (p - p) is 0 before the 1 is added
             else:
                 gate = torch.ones_like(expert, dtype=probs.dtype)
-        return Routing(expert, gate, probs)
+        return Routing(expert, gate, probs, logits)
 
     def _check_routing(self, routing: Routing, b: int, h: int, w: int) -> None:
         if not isinstance(routing, Routing):
