@@ -40,7 +40,7 @@ from calgan_fast.analysis import content_labels, routing_quality
 from calgan_fast.data.imresize import imresize
 from calgan_fast.data.io import list_images, read_image
 from calgan_fast.losses import _accuracy, discriminator_loss
-from calgan_fast.nn.discriminator import real_statistics_only
+from calgan_fast.nn.discriminator import Routing, real_statistics_only
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class Setting:
     revive_every: int = 0  # steps between revivals of silent experts (0: never)
     usage_decay: float = 0.99  # EMA of the training usage that revival reads
     degrade: str = "bicubic"  # bicubic | blur | noise | jpeg
+    capacity: float = 0.0  # training routing: at most capacity * M / N pixels an expert (0: off)
 
 
 SETTINGS: dict[str, dict] = {
@@ -73,6 +74,7 @@ SETTINGS: dict[str, dict] = {
     "switch": {"balance": "switch"},
     "usage": {"balance": "usage"},
     "entropy": {"balance": "entropy"},
+    "mi": {"balance": "mi"},
 }
 
 
@@ -206,12 +208,52 @@ def evaluate(net: CALGANDiscriminator, data: CropData, batch: int, seed: int) ->
     return out
 
 
+def capacity_routing(net: CALGANDiscriminator, factor: float):
+    """A training routing with a capacity: the Gumbel-perturbed choice of each pixel, except that an
+    expert keeps at most ``ceil(factor * M / N)`` pixels (those it scores highest); the others
+    move to their next choice, for up to N rounds. Eval mode routes by argmax as usual."""
+    plain = net.route
+
+    def route(logits: torch.Tensor) -> Routing:
+        if not net.training:
+            return plain(logits)
+        logits = logits.float()
+        probs = torch.softmax(logits, dim=1)
+        n = logits.shape[1]
+        g = -torch.empty_like(logits).exponential_().log()
+        score = (logits / net.config.tau + g).permute(0, 2, 3, 1).reshape(-1, n)
+        cap = math.ceil(factor * score.shape[0] / n)
+        expert = score.argmax(1)
+        for _ in range(n):
+            top = score.gather(1, expert[:, None]).squeeze(1)
+            # Rank of each pixel among the pixels of its expert, best first.
+            order = torch.argsort(expert * 1e6 - top.clamp(-1e5, 1e5), stable=True)
+            sorted_e = expert[order]
+            first = torch.searchsorted(sorted_e, sorted_e, right=False)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(len(order)) - first
+            over = rank >= cap
+            if not over.any():
+                break
+            score[over, expert[over]] = -float("inf")
+            expert = torch.where(over, score.argmax(1), expert)
+        soft = torch.softmax(logits / net.config.tau + g, dim=1).permute(0, 2, 3, 1).reshape(-1, n)
+        p = soft.gather(1, expert[:, None]).squeeze(1)
+        gate = (p - p.detach()) + 1.0
+        b, _, h, w = logits.shape
+        return Routing(expert.reshape(b, h, w), gate.reshape(b, h, w), probs, logits)
+
+    return route
+
+
 def run(setting: Setting, data: CropData, steps: int, seed: int, eval_every: int,
         log=print) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = CALGANDiscriminator(num_feat=setting.num_feat, num_experts=setting.num_experts,
                               routing=setting.routing, tau=setting.tau)
+    if setting.capacity:
+        net.route = capacity_routing(net, setting.capacity)
     opt = torch.optim.Adam(net.parameters(), lr=setting.lr, betas=(0.9, 0.99))
     weights = {k: getattr(setting, k) for k in ("lambda_b", "lambda_o", "lambda_d", "lambda_dis", "lambda_z")}
     n = setting.num_experts

@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 #: Modes of :func:`balancing_loss`.
-BALANCE_MODES = ("paper", "switch", "usage", "entropy")
+BALANCE_MODES = ("paper", "switch", "usage", "entropy", "mi")
 
 #: The paper's weights of L_D = λ_b L_b + λ_o L_o + λ_d L_dist + λ_dis L_dis, and the router
 #: z-loss's λ_z (not in the paper: 0).
@@ -63,6 +63,10 @@ def balancing_loss(probs: Tensor, expert: Tensor, mode: str = "paper") -> Tensor
               mean of R'[:, i] over all of them; 1 at even usage. It balances the experts' usage
               over the batch and leaves each pixel free to choose its expert with confidence.
             - ``"entropy"``: ``1 − H(P) / log N``, P the batch mean of R'; 0 at even mean usage.
+            - ``"mi"``: ``1 − (H(P) − mean_p H(R'[p])) / log N``, one minus the mutual information of
+              pixel and expert (in units of log N): 0 when the experts are used evenly over the
+              batch and each pixel's router output is certain. It asks for a balanced, confident
+              partition of the feature pixels.
     """
     if probs.dim() != 4:
         raise ValueError(f"probs: expected (B, N, h, w), got {tuple(probs.shape)}")
@@ -82,6 +86,12 @@ def balancing_loss(probs: Tensor, expert: Tensor, mode: str = "paper") -> Tensor
         p = probs.float().mean(dim=(0, 2, 3))
         ent = -(p * p.clamp_min(1e-12).log()).sum()
         return 1.0 - ent / math.log(n) if n > 1 else ent * 0.0
+    if mode == "mi":
+        p32 = probs.float()
+        p = p32.mean(dim=(0, 2, 3))
+        ent = -(p * p.clamp_min(1e-12).log()).sum()
+        pixel_ent = -(p32 * p32.clamp_min(1e-12).log()).sum(1).mean()
+        return 1.0 - (ent - pixel_ent) / math.log(n) if n > 1 else ent * 0.0
     raise ValueError(f"mode: expected one of {list(BALANCE_MODES)}, got {mode!r}")
 
 

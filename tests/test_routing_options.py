@@ -37,9 +37,15 @@ def test_usage_and_entropy_modes_by_hand():
     even = torch.tensor([[[0, 1], [2, 0]], [[1, 2], [0, 1]]])
     assert balancing_loss(flat, even[:, :, :] % 3, "usage").item() == pytest.approx(1.0, abs=0.02)
     assert balancing_loss(flat, even, "entropy").item() == pytest.approx(0.0, abs=1e-6)
+    # mi: H(P) = log 2 (P = [0.55, 0.45] is not even: H < log 2) minus the pixels' mean entropy.
+    pix = -(0.7 * math.log(0.7) + 0.3 * math.log(0.3) + 0.4 * math.log(0.4) + 0.6 * math.log(0.6)) / 2
+    assert balancing_loss(probs, expert, "mi").item() == pytest.approx(1 - (h - pix) / math.log(2), abs=1e-6)
+    certain = torch.eye(3)[even].permute(0, 3, 1, 2)  # one-hot router outputs, even usage
+    assert balancing_loss(certain, even, "mi").item() == pytest.approx(0.0, abs=0.05)
+    assert balancing_loss(flat, even, "mi").item() == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="mode"):
         balancing_loss(flat, even, "nope")
-    assert set(BALANCE_MODES) == {"paper", "switch", "usage", "entropy"}
+    assert set(BALANCE_MODES) == {"paper", "switch", "usage", "entropy", "mi"}
 
 
 def test_usage_term_rebalances_a_rigged_router_more_than_the_paper_term():
@@ -48,7 +54,7 @@ def test_usage_term_rebalances_a_rigged_router_more_than_the_paper_term():
     pixel's router output, leave it less even."""
     x = torch.rand(4, 3, 16, 16)
     entropy = {}
-    for mode in ("start", "usage", "entropy", "paper"):
+    for mode in ("start", "usage", "entropy", "mi", "paper"):
         net = _net(n=4).eval()
         with torch.no_grad():
             net.router.bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0]))
@@ -62,7 +68,7 @@ def test_usage_term_rebalances_a_rigged_router_more_than_the_paper_term():
         expert = net(x, return_aux=True).routing.expert
         entropy[mode] = routing_quality(expert, 4)["usage_entropy"]
     assert entropy["start"] < 0.3, entropy
-    assert entropy["usage"] > 0.9 and entropy["entropy"] > 0.9, entropy
+    assert entropy["usage"] > 0.9 and entropy["entropy"] > 0.9 and entropy["mi"] > 0.75, entropy
     assert entropy["paper"] < entropy["usage"] - 0.2, entropy
 
 
