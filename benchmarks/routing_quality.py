@@ -284,7 +284,9 @@ def run(setting: Setting, data: CropData, steps: int, seed: int, eval_every: int
         opt.step()
         spent += time.perf_counter() - t0
         timed += 1
-        share = torch.bincount(d["routing"].expert.reshape(-1), minlength=n).double()
+        # Revival reads the routing the network uses in eval mode (the argmax of the router), not
+        # the Gumbel samples: sampling spreads pixels over experts that the argmax never picks.
+        share = torch.bincount(d["routing"].logits.argmax(1).reshape(-1), minlength=n).double()
         usage_ema.mul_(setting.usage_decay).add_(share / share.sum(), alpha=1 - setting.usage_decay)
         if setting.revive_every and step % setting.revive_every == 0:
             ids = net.revive_experts(usage_ema, optimizer=opt)
