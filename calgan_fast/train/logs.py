@@ -2,8 +2,9 @@
 
 Keys of ``train_log.jsonl``:
 ``l_pix``, ``l_per``, ``l_gen``, ``l_g_total`` (generator); ``d_adv``, ``d_balance``, ``d_ortho``,
-``d_dist``, ``d_total`` (discriminator); ``d_acc_real``, ``d_acc_fake`` (D's accuracy on
-real and fake pixels); ``expert_usage`` (share of the real pixels per expert, by argmax of the
+``d_dist``, ``d_total`` (discriminator); ``acc_d_real``, ``acc_d_fake`` (D's accuracy on
+real and fake pixels, the keys :func:`calgan_fast.losses.discriminator_loss` and the BasicSR
+integration use too); ``expert_usage`` (share of the real pixels per expert, by argmax of the
 routing probabilities), ``expert_usage_sampled`` (by the Gumbel-sampled experts the losses use),
 ``routing_entropy``, ``routing_pixel_entropy``; ``lr_g``, ``lr_d``, ``it_per_s``.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 __all__ = ["ACC_KEYS", "ChanceWatch", "LazyWriter", "RunLog", "tensorboard_available"]
 
 #: D's accuracy on real and on fake pixels.
-ACC_KEYS = ("d_acc_real", "d_acc_fake")
+ACC_KEYS = ("acc_d_real", "acc_d_fake")
 
 #: Shown next to the progress bar.
 _BAR_KEYS = ("l_pix", "l_gen", "d_adv", *ACC_KEYS)
@@ -147,7 +148,7 @@ class RunLog:
             elif k.startswith("routing"):
                 self.tb.add_scalar(f"routing/{k[8:]}", float(v), it)
             elif k in ACC_KEYS:
-                self.tb.add_scalar(f"accuracy/{k[2:]}", float(v), it)
+                self.tb.add_scalar(f"accuracy/{k}", float(v), it)
             else:
                 self.tb.add_scalar(f"loss/{k}", float(v), it)
         self.tb.add_scalar("lr/g", lr_g, it)

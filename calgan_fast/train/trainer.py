@@ -387,7 +387,7 @@ class Trainer:
         for k in ("balance", "ortho", "dist", "adv", "total"):
             if k in d:
                 logs[f"d_{k}"] = d[k].detach()
-        logs["d_acc_real"], logs["d_acc_fake"] = d["acc_d_real"].detach(), d["acc_d_fake"].detach()
+        logs["acc_d_real"], logs["acc_d_fake"] = d["acc_d_real"].detach(), d["acc_d_fake"].detach()
         logs.update(gan.routing_usage(d))
         return logs
 
