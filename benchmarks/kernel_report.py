@@ -11,8 +11,8 @@ the same shape, ``(M, c) @ (c, c)``.
 
 ``--cuda`` adds the ptxas report of the CUDA kernels (``csrc/cuda``), compiled with nvcc.
 
-    python benchmarks/kernel_report.py                      # every config, both architectures
-    python benchmarks/kernel_report.py --arch 90 --dtype bf16 --c 256 --fail-on-spill
+    python -m benchmarks.kernel_report                      # every config, both architectures
+    python -m benchmarks.kernel_report --arch 90 --dtype bf16 --c 256 --fail-on-spill
 
 Exit status 1 with ``--fail-on-spill`` when any listed kernel spills. Needs triton; no GPU.
 """
@@ -426,7 +426,6 @@ def main(argv=None) -> int:
     # A fresh cache: ptxas runs (and reports) for every kernel, none is taken from an earlier run.
     cache_dir = tempfile.TemporaryDirectory(prefix="calgan-kernel-report-")
     os.environ["TRITON_CACHE_DIR"] = cache_dir.name
-    sys.path.insert(0, str(ROOT))
     from calgan_fast.ops import triton_impl
 
     k = triton_impl._kernels()
