@@ -1,6 +1,6 @@
 """Training data loading speed: samples per second of the three ways to feed the trainer.
 
-    python benchmarks/bench_data.py --out benchmarks/results/cpu_data.json
+    python -m benchmarks.bench_data --out benchmarks/results/cpu_data.json
 
 * ``hr_folder``: ``HRFolderDataset`` on whole DIV2K-sized images, the LR crop made on the fly by
   the MATLAB-exact bicubic;

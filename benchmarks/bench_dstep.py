@@ -6,7 +6,7 @@ variant runs ``calgan_fast.losses.discriminator_loss`` on ``CALGANDiscriminator`
 backend available here); the compat module runs ``calgan_fast.compat.official_discriminator_loss``
 (``official_d_losses`` + ``official_gan_loss``) on ``OfficialMOD``.
 
-    pytest benchmarks/bench_dstep.py --benchmark-json=dstep.json
+    python -m pytest benchmarks/bench_dstep.py --benchmark-json=dstep.json
 
 Environment: ``CALGAN_BENCH_DEVICE`` (``cpu`` default: B=4 at 128x128; ``cuda``: B=24 at 256x256),
 ``CALGAN_BENCH_DSTEP_SIZE`` (``B,H,W`` override), ``CALGAN_BENCH_ROUNDS`` (timed rounds, default 3).
@@ -26,15 +26,14 @@ import pytest
 import torch
 
 import calgan_fast
+from benchmarks.inputs import DSTEP_EXPERTS, DSTEP_FEAT, dstep_images, make_dstep
 from benchmarks.roundrobin import time_round_robin
-from calgan_fast.compat import OfficialMOD, official_discriminator_loss
-from calgan_fast.losses import discriminator_loss
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = os.environ.get("CALGAN_BENCH_DEVICE", "cpu")
 _DEFAULT_SIZE = "24,256,256" if DEVICE == "cuda" else "4,128,128"
 B, H, W = (int(v) for v in os.environ.get("CALGAN_BENCH_DSTEP_SIZE", _DEFAULT_SIZE).split(","))
-NUM_FEAT, NUM_EXPERTS = 64, 12
+NUM_FEAT, NUM_EXPERTS = DSTEP_FEAT, DSTEP_EXPERTS
 ROUNDS = int(os.environ.get("CALGAN_BENCH_ROUNDS", "3"))
 
 
@@ -49,33 +48,10 @@ def _sync():
 
 
 def _make_step(variant: str):
-    torch.manual_seed(0)
-    hr = torch.rand(B, 3, H, W, device=DEVICE)
-    sr = (hr + 0.05 * torch.randn_like(hr)).clamp(0, 1)
+    hr, sr = dstep_images(B, H, W, device=DEVICE)
     if variant == "official":
-        d = OfficialMOD(num_in_ch=3, num_feat=NUM_FEAT, num_expert=NUM_EXPERTS).to(DEVICE).train()
-
-        def loss_fn():
-            return official_discriminator_loss(d, hr, sr)["total"]
-    else:
-        backend = variant.split(":", 1)[1]
-        d = (
-            calgan_fast.CALGANDiscriminator(
-                in_channels=3, num_feat=NUM_FEAT, num_experts=NUM_EXPERTS, backend=backend
-            )
-            .to(DEVICE)
-            .train()
-        )
-
-        def loss_fn():
-            return discriminator_loss(d, hr, sr)["total"]
-
-    def step():
-        d.zero_grad(set_to_none=True)
-        loss_fn().backward()
-        _sync()
-
-    return step
+        return make_dstep("compat", hr, sr, sync=_sync)
+    return make_dstep("calgan", hr, sr, backend=variant.split(":", 1)[1], sync=_sync)
 
 
 def _proc_status_kb(field: str) -> int:
@@ -120,7 +96,8 @@ def peak_memory_cpu_subprocess(variant: str) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
     out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--peak", variant],
+        [sys.executable, "-m", "benchmarks.bench_dstep", "--peak", variant],
+        cwd=_ROOT,
         env=env,
         check=True,
         capture_output=True,
@@ -177,12 +154,12 @@ def test_dstep_interleaved(benchmark):
 
 
 if __name__ == "__main__":
-    # python benchmarks/bench_dstep.py --peak VARIANT: print the peak memory (MiB) of one step.
+    # python -m benchmarks.bench_dstep --peak VARIANT: print the peak memory (MiB) of one step.
     if len(sys.argv) == 3 and sys.argv[1] == "--peak":
         _step = _make_step(sys.argv[2])
         _step()
         print(peak_memory_mb(_step))
     else:
         sys.exit(
-            "usage: python benchmarks/bench_dstep.py --peak VARIANT (the benchmark itself runs under pytest)"
+            "usage: python -m benchmarks.bench_dstep --peak VARIANT (the benchmark itself runs under pytest)"
         )

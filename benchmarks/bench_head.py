@@ -1,8 +1,8 @@
 """Routed-head benchmarks (docs/design.md §7): every available backend, ``reference`` and a same-shape
 matmul (the speed of light), forward and forward+backward.
 
-    pytest benchmarks/bench_head.py --benchmark-json=head.json
-    python benchmarks/report.py head.json -o benchmarks/RESULTS.md
+    python -m pytest benchmarks/bench_head.py --benchmark-json=head.json
+    python -m benchmarks.report head.json -o benchmarks/RESULTS.md
 
 ``test_head_interleaved`` times the routed backends and the matmul at the targets' shape
 round-robin in one test, for ratios that a drift of the machine's speed cannot move.
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import calgan_fast
+from benchmarks.inputs import head_inputs, head_output_grads, matmul_operands
 from benchmarks.roundrobin import time_round_robin
 from calgan_fast import routed_head
 
@@ -56,22 +57,6 @@ def useful_flops(m: int, c: int, hdim: int, mode: str) -> int:
     return fwd if mode == "fwd" else 3 * fwd
 
 
-def _inputs(m, c, n, requires_grad):
-    g = torch.Generator().manual_seed(0)
-    hdim = c // 8
-    x = torch.randn(m, c, generator=g)
-    expert = torch.randint(0, n, (m,), generator=g)
-    gate = torch.ones(m)
-    proj = torch.randn(n, c, c, generator=g) / c**0.5
-    w1 = torch.randn(n, hdim, c, generator=g) / c**0.5
-    b1 = torch.zeros(n, hdim)
-    w2 = torch.randn(n, hdim, generator=g) / hdim**0.5
-    b2 = torch.zeros(n)
-    floats = [t.to(DEVICE, DTYPE).requires_grad_(requires_grad) for t in (x, gate, proj, w1, b1, w2, b2)]
-    x, gate, proj, w1, b1, w2, b2 = floats
-    return x, expert.to(DEVICE), gate, proj, w1, b1, w2, b2
-
-
 def _rounds(m, c, n, backend):
     if DEVICE == "cuda":
         return 20
@@ -81,11 +66,8 @@ def _rounds(m, c, n, backend):
 
 def _make_run(backend, m, c, n, bwd):
     """One call of ``backend`` (or of the same-shape matmul), with its backward where ``bwd``."""
-    inputs = _inputs(m, c, n, requires_grad=bwd)
-    x = inputs[0]
     if backend == "matmul":
-        a = x.detach().clone().requires_grad_(bwd)
-        b = torch.randn(c, c, device=DEVICE, dtype=DTYPE, requires_grad=bwd)
+        a, b = matmul_operands(m, c, device=DEVICE, dtype=DTYPE, requires_grad=bwd)
         grad = torch.randn(m, c, device=DEVICE, dtype=DTYPE)
 
         def run():
@@ -95,8 +77,9 @@ def _make_run(backend, m, c, n, bwd):
                 a.grad = b.grad = None
             _sync()
     else:
+        inputs = head_inputs(m, c, n, device=DEVICE, dtype=DTYPE, requires_grad=bwd)
         floats = [inputs[0], *inputs[2:]]
-        gl = torch.randn(m, device=DEVICE, dtype=torch.float32)
+        gl = head_output_grads(m, c, n, device=DEVICE)[0]
 
         def run():
             out = routed_head(*inputs, backend=backend, check_range=False)

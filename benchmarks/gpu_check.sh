@@ -107,7 +107,7 @@ cat "$OUT/info.txt"
 
 # 3. The headline first: the head (M=65536, c=256, N=12, bf16, forward+backward) for every backend,
 #    the reference and a plain matmul, timed in one process.
-stage head_quick 280 "$PY" benchmarks/head_quick.py --json "$OUT/head_quick.json" \
+stage head_quick 280 "$PY" -m benchmarks.head_quick --json "$OUT/head_quick.json" \
     > "$OUT/head_quick.md" 2> "$OUT/head_quick.log"
 cat "$OUT/head_quick.md"
 
@@ -133,7 +133,7 @@ if [[ -f benchmarks/bench_head.py ]]; then
         -p no:cacheprovider --benchmark-json="$OUT/bench_head.json" > "$OUT/bench_head.log" 2>&1
     tail -n 5 "$OUT/bench_head.log"
     if [[ -s "$OUT/bench_head.json" ]]; then
-        stage report 0 "$PY" benchmarks/report.py "$OUT/bench_head.json" > "$OUT/bench_head.md"
+        stage report 0 "$PY" -m benchmarks.report "$OUT/bench_head.json" > "$OUT/bench_head.md"
     fi
 else
     echo "| bench_head | missing: benchmarks/bench_head.py not in this tree | 0 |" >> "$SUMMARY"
@@ -147,7 +147,7 @@ if [[ -f benchmarks/bench_dstep.py ]]; then
         --benchmark-json="$OUT/bench_dstep.json" > "$OUT/bench_dstep.log" 2>&1
     tail -n 5 "$OUT/bench_dstep.log"
     if [[ -s "$OUT/bench_dstep.json" ]]; then
-        "$PY" benchmarks/report.py "$OUT/bench_dstep.json" > "$OUT/bench_dstep.md" 2>/dev/null
+        "$PY" -m benchmarks.report "$OUT/bench_dstep.json" > "$OUT/bench_dstep.md" 2>/dev/null
     fi
 fi
 

@@ -1,6 +1,6 @@
 """Time the routed head at one shape for every backend, the reference and a plain matmul.
 
-    python benchmarks/head_quick.py [--m 65536 --c 256 --n 12 --dtype bf16] [--json OUT.json]
+    python -m benchmarks.head_quick [--m 65536 --c 256 --n 12 --dtype bf16] [--json OUT.json]
 
 Prints a Markdown table (ms, useful GFLOP/s, speed-up over ``reference``, share of the matmul's
 throughput, peak memory) for forward and forward+backward; the targets of the fused backends at
@@ -19,6 +19,9 @@ import sys
 import time
 
 import torch
+
+import calgan_fast
+from benchmarks.inputs import head_inputs, head_output_grads, matmul_operands
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -72,38 +75,25 @@ def main(argv=None) -> int:
         print("head_quick: needs a CUDA GPU (or --device cpu for a smoke test)", file=sys.stderr)
         return 1
 
-    import calgan_fast
-
     m, c, n, dt = args.m, args.c, args.n, DTYPES[args.dtype]
     hdim = max(1, c // 8)
-    g = torch.Generator(device=dev).manual_seed(0)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device=dev) * scale).to(dt).requires_grad_(True)
-
-    x = rnd(m, c)
-    expert = torch.randint(0, n, (m,), generator=g, device=dev)
-    gate = torch.ones(m, device=dev, dtype=dt, requires_grad=True)
-    proj, w1 = rnd(n, c, c, scale=c**-0.5), rnd(n, hdim, c, scale=c**-0.5)
-    b1, w2, b2 = rnd(n, hdim, scale=0.1), rnd(n, hdim, scale=hdim**-0.5), rnd(n, scale=0.1)
-    inputs = (x, expert, gate, proj, w1, b1, w2, b2)
+    inputs = head_inputs(m, c, n, device=dev, dtype=dt, requires_grad=True)
+    x = inputs[0]
     floats = [t for t in inputs if t.is_floating_point()]
-    gl = torch.randn(m, device=dev, dtype=dt)
-    gm = torch.randn(n, c, device=dev)
-    gv = torch.randn(n, device=dev)
+    gl, gm, gv = head_output_grads(m, c, n, device=dev, logits_dtype=dt)
 
     flops_fwd = 2 * m * c * c + 2 * m * c * hdim
     rows = []
 
-    w = rnd(c, c, scale=c**-0.5)
+    a, w = matmul_operands(m, c, device=dev, dtype=dt, requires_grad=True)
 
     def mm_fwd():
         with torch.no_grad():
-            x @ w
+            a @ w
 
     def mm_fb():
-        out = x @ w
-        torch.autograd.grad(out, (x, w), out)
+        out = a @ w
+        torch.autograd.grad(out, (a, w), out)
 
     for mode, fn in (("fwd", mm_fwd), ("fwd+bwd", mm_fb)):
         ms = _time(fn, args.reps)

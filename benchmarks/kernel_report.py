@@ -11,8 +11,8 @@ the same shape, ``(M, c) @ (c, c)``.
 
 ``--cuda`` adds the ptxas report of the CUDA kernels (``csrc/cuda``), compiled with nvcc.
 
-    python benchmarks/kernel_report.py                      # every config, both architectures
-    python benchmarks/kernel_report.py --arch 90 --dtype bf16 --c 256 --fail-on-spill
+    python -m benchmarks.kernel_report                      # every config, both architectures
+    python -m benchmarks.kernel_report --arch 90 --dtype bf16 --c 256 --fail-on-spill
 
 Exit status 1 with ``--fail-on-spill`` when any listed kernel spills. Needs triton; no GPU.
 """
@@ -49,62 +49,6 @@ class Launch:
     bytes: float
     flops: float
     result: dict = field(default_factory=dict)
-
-
-def _types(dtype: str) -> dict:
-    types = {
-        "perm_ptr": "*i64",
-        "offsets_ptr": "*i64",
-        "expert_ptr": "*i64",
-        "count_ptr": "*i64",
-        "seg_off_ptr": "*i64",
-        "off_a_ptr": "*i64",
-        "off_b_ptr": "*i64",
-        "tile_off_ptr": "*i64",
-        "blk_count_ptr": "*i32",
-        "blk_base_ptr": "*i32",
-    }
-    for nm in (
-        "tile_sum",
-        "tile_m2",
-        "gmean",
-        "gvar",
-        "mean",
-        "var",
-        "cls_part",
-        "proj_part",
-        "part",
-        "out",
-        "dh",
-        "g_sum",
-        "g_m2",
-        "d_part",
-    ):
-        types[nm + "_ptr"] = "*fp32"
-    for nm in (
-        "tile_expert",
-        "tile_start",
-        "tile_stop",
-        "slab_expert",
-        "slab_start",
-        "slab_stop",
-        "seg_expert",
-        "seg_start",
-        "seg_stop",
-        "exp_a",
-        "start_a",
-        "stop_a",
-        "exp_b",
-        "start_b",
-        "stop_b",
-        "grp_expert",
-        "grp_start",
-        "grp_stop",
-        "g_start",
-        "g_stop",
-    ):
-        types[nm + "_ptr"] = "*i32"
-    return types
 
 
 def launches(k, m: int, c: int, n: int, dtype: str) -> list[Launch]:
@@ -305,17 +249,13 @@ def compile_launch(ln: Launch, dtype: str, arch: int) -> dict:
     """Registers, spill bytes and shared memory of one kernel, from Triton's ptxas run (each
     distinct kernel is compiled once: Triton's cache would skip ptxas and its report)."""
     import triton
+    from calgan_fast.kernels.signature import signature
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    types = _types(dtype)
     consts = {a: v for a, v in ln.consts.items() if a in ln.fn.arg_names}
-    sig = {
-        a: types.get(a, ("*" + dtype) if a.endswith("_ptr") else "i32")
-        for a in ln.fn.arg_names
-        if a not in consts
-    }
+    sig = signature(ln.fn, dtype, consts)
     key = (
         arch,
         ln.fn.__name__,
@@ -426,7 +366,6 @@ def main(argv=None) -> int:
     # A fresh cache: ptxas runs (and reports) for every kernel, none is taken from an earlier run.
     cache_dir = tempfile.TemporaryDirectory(prefix="calgan-kernel-report-")
     os.environ["TRITON_CACHE_DIR"] = cache_dir.name
-    sys.path.insert(0, str(ROOT))
     from calgan_fast.ops import triton_impl
 
     k = triton_impl._kernels()

@@ -1,6 +1,6 @@
 """Speed of the ``cpu`` head against ``torch`` and the speed of light, measured in one run.
 
-    python benchmarks/measure_head_cpu.py [--threads 2] [--rounds 7]
+    python -m benchmarks.measure_head_cpu [--threads 2] [--rounds 7]
 
 Times forward+backward of the routed head at M=16384, c=256, N=12, hdim=32, fp32 (the shape of the
 targets), the ``torch`` backend and a same-shape ``(M, c) x (c, c)`` fp32 matmul, interleaved round
@@ -19,6 +19,7 @@ import time
 import torch
 
 import calgan_fast
+from benchmarks.inputs import head_inputs, head_output_grads, matmul_operands
 from calgan_fast.ops.routed_head import backend_ops
 
 
@@ -33,15 +34,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     m, c, n = args.m, args.c, args.n
     hdim = c // 8
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(m, c, generator=g)
-    expert = torch.randint(0, n, (m,), generator=g)
-    gate = torch.ones(m)
-    proj = torch.randn(n, c, c, generator=g) / c**0.5
-    w1 = torch.randn(n, hdim, c, generator=g) / c**0.5
-    b1, w2, b2 = torch.zeros(n, hdim), torch.randn(n, hdim, generator=g) / hdim**0.5, torch.zeros(n)
-    gl, gm, gv = torch.randn(m, generator=g), torch.randn(n, c, generator=g), torch.randn(n, generator=g)
-    a, b = torch.randn(m, c, generator=g), torch.randn(c, c, generator=g)
+    x, expert, gate, proj, w1, b1, w2, b2 = head_inputs(m, c, n)
+    gl, gm, gv = head_output_grads(m, c, n)
+    a, b = matmul_operands(m, c)
 
     def head(name):
         fwd, bwd = backend_ops(name)

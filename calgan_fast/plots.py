@@ -15,8 +15,8 @@ import numpy as np
 
 __all__ = ["plot_run", "read_log"]
 
-# Accuracy keys, in the log's current and earlier spellings.
-_ACC = (("acc_d_real", "d_acc_real"), ("acc_d_fake", "d_acc_fake"))
+# D's accuracy on real and on fake pixels.
+_ACC = ("acc_d_real", "acc_d_fake")
 
 
 def read_log(run: str | os.PathLike) -> list[dict]:
@@ -56,7 +56,7 @@ def plot_run(run: str | os.PathLike, output: str | os.PathLike | None = None) ->
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     # Losses.
     ax = axes[0, 0]
-    for k in sorted({k for r in rows for k in r if k.startswith(("l_", "d_")) and "acc" not in k}):
+    for k in sorted({k for r in rows for k in r if k.startswith(("l_", "d_"))}):
         s = _series(rows, k)
         if s is not None:
             ax.plot(*s, label=k, lw=1)
@@ -67,12 +67,10 @@ def plot_run(run: str | os.PathLike, output: str | os.PathLike | None = None) ->
         ax.legend(fontsize=7, ncol=2)
     # D accuracy.
     ax = axes[0, 1]
-    for names, label in zip(_ACC, ("real", "fake")):
-        for k in names:
-            s = _series(rows, k)
-            if s is not None:
-                ax.plot(*s, label=f"D accuracy on {label} pixels", lw=1)
-                break
+    for k, label in zip(_ACC, ("real", "fake")):
+        s = _series(rows, k)
+        if s is not None:
+            ax.plot(*s, label=f"D accuracy on {label} pixels", lw=1)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_ylim(0, 1)
     ax.set_title("discriminator accuracy (0.5 = chance)")

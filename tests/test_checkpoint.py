@@ -208,3 +208,23 @@ def test_killed_save_resumes_from_the_previous_checkpoint(photos, full_log, full
     assert _log(run) == full_log
     assert _names(ck) == ["iter_0000004.pth", "iter_0000006.pth"]  # the half-written file is gone
     _assert_same_final_state(run, full_run)
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from calgan_fast.train.checkpoint import atomic_save, rng_state, set_rng_state
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    atomic_save({"rng": rng_state()}, tmp_path / "s.pth")
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(4)
+    np.random.seed(4)
+    random.seed(4)
+    set_rng_state(torch.load(tmp_path / "s.pth", weights_only=True)["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2] == again[2]

@@ -137,6 +137,22 @@ def test_options_from_yaml_section():
         CALGANOptions.from_train_opt({"calgan_opt": {"dist_weight": float("nan")}})
 
 
+@needs_basicsr
+def test_options_map_to_the_trainers_settings():
+    from calgan_fast.integrations.basicsr import CALGANOptions
+    from calgan_fast.train import load_config
+    from calgan_fast.train.step import GANSettings
+
+    paper = GANSettings.from_config(load_config("paper", overrides={"datasets": {"train": {
+        "dataroot_gt": "samples"}}, "path": {"pretrain_network_g": None}})["train"])
+    assert CALGANOptions().gan_settings() == paper == GANSettings()
+    opts = CALGANOptions(balance_weight=0.3, ortho_weight=2.0, dist_weight=0.1, adv_weight=1.5,
+                         balance_mode="switch", gan="vanilla")
+    assert opts.gan_settings({"gan_opt": {"loss_weight": 0.1}}) == GANSettings(
+        gan_type="vanilla", balance="switch", lambda_b=0.3, lambda_o=2.0, lambda_d=0.1, lambda_dis=1.5,
+        lambda_g=0.1)
+
+
 # --------------------------------------------------------------------------------------------
 # CALGANModel through BasicSR's model API
 

@@ -1,8 +1,8 @@
-"""The compile report of the Triton kernels (benchmarks/kernel_report.py) shows no register spill.
+"""The compile report of the Triton kernels (``python -m benchmarks.kernel_report``) shows no register spill.
 
 Compiles the kernels with Triton's compiler and ptxas for sm_80 and sm_90 (no GPU needed) at the
 paper's M = 800k, c in {256, 512}, N = 16, bf16: the configuration CI checks. The full report
-(fp16 and fp32 too, N = 12) is ``python benchmarks/kernel_report.py --fail-on-spill``.
+(fp16 and fp32 too, N = 12) is ``python -m benchmarks.kernel_report --fail-on-spill``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_kernel_report_has_no_spills():
     env = dict(os.environ, TRITON_INTERPRET="0")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/kernel_report.py"), "--arch", "80", "90", "--dtype", "bf16",
+        [sys.executable, "-m", "benchmarks.kernel_report", "--arch", "80", "90", "--dtype", "bf16",
          "--c", "256", "512", "--n", "16", "--fail-on-spill"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900,
     )

@@ -51,7 +51,7 @@ def test_results_md_is_the_report_of_the_committed_json():
     with open(os.path.join(root, "benchmarks", "RESULTS.md")) as f:
         committed = f.read()
     assert committed == text, (
-        "benchmarks/RESULTS.md differs from `python benchmarks/report.py benchmarks/results/*.json`"
+        "benchmarks/RESULTS.md differs from `python -m benchmarks.report benchmarks/results/*.json`"
     )
     for word in ("final", "before", "not kept", "T20", "Z;"):
         assert word not in committed

@@ -158,11 +158,7 @@ def test_revive_gives_a_silent_expert_pixels_and_keeps_the_scores():
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("routing_quality", ROOT / "benchmarks" / "routing_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("benchmarks.routing_quality")
 
 
 def test_routing_benchmark_runs_and_reports(tmp_path):

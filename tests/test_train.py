@@ -101,7 +101,7 @@ def test_train_writes_run_folder(tmp_path):
     assert last["iter"] == 6 and last["phase"] == 2
     log = _log(run)
     assert [x["phase"] for x in log] == [1, 1, 2, 2, 2, 2]
-    assert {"d_acc_real", "d_acc_fake", "routing_entropy", "expert_usage", "l_gen"} <= set(log[-1])
+    assert {"acc_d_real", "acc_d_fake", "routing_entropy", "expert_usage", "l_gen"} <= set(log[-1])
     assert sum(log[-1]["expert_usage"]) == pytest.approx(1.0)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000004.pth", "iter_0000006.pth"]
     assert (run / "samples" / "iter_0000003_sr.png").exists()
@@ -197,7 +197,7 @@ def test_quickstart_learns(tmp_path, monkeypatch):
     log = _log(tmp_path / "run")
     p1 = [x["l_pix"] for x in log if x["phase"] == 1]
     assert np.mean(p1[-10:]) < np.mean(p1[:10])  # L1 goes down (from near bicubic's)
-    p2 = [0.5 * (x["d_acc_real"] + x["d_acc_fake"]) for x in log if x["phase"] == 2]
+    p2 = [0.5 * (x["acc_d_real"] + x["acc_d_fake"]) for x in log if x["phase"] == 2]
     assert np.mean(p2[-5:]) > 0.75  # well above chance
     run = tmp_path / "run"
     assert list((run / "samples").glob("*_routing.png")) and list((run / "checkpoints").glob("*.pth"))

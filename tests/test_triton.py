@@ -122,53 +122,9 @@ def _compile_all(dtype: str) -> None:
 
     k = triton_impl._kernels()
     assert not k.INTERPRET
+    from calgan_fast.kernels.signature import signature
+
     rh, ro = k.routed_head, k.routing
-    acc = "fp32"
-    types = {
-        "perm_ptr": "*i64",
-        "offsets_ptr": "*i64",
-        "expert_ptr": "*i64",
-        "count_ptr": "*i64",
-        "seg_off_ptr": "*i64",
-        "off_a_ptr": "*i64",
-        "off_b_ptr": "*i64",
-        "tile_off_ptr": "*i64",
-        "blk_count_ptr": "*i32",
-        "blk_base_ptr": "*i32",
-    }
-    for nm in (
-        "tile_sum",
-        "tile_m2",
-        "gmean",
-        "gvar",
-        "mean",
-        "var",
-        "cls_part",
-        "proj_part",
-        "part",
-        "out",
-        "dh",
-        "d_part",
-    ):
-        types[nm + "_ptr"] = "*" + acc
-    for nm in (
-        "tile_expert",
-        "tile_start",
-        "tile_stop",
-        "slab_expert",
-        "slab_start",
-        "slab_stop",
-        "seg_expert",
-        "seg_start",
-        "seg_stop",
-        "exp_a",
-        "start_a",
-        "stop_a",
-        "exp_b",
-        "start_b",
-        "stop_b",
-    ):
-        types[nm + "_ptr"] = "*i32"
     kernels = [
         (ro._routing_hist_kernel, {"BLOCK": 1024, "NP": 16}, {}),
         (ro._routing_scan_kernel, {"SEG_M": 64, "SEG_BLOCK": 256, "CHUNK": 64, "NP": 16}, {}),
@@ -197,11 +153,7 @@ def _compile_all(dtype: str) -> None:
             ),
         ]
     for fn, consts, options in kernels:
-        sig = {
-            a: types.get(a, ("*" + dtype) if a.endswith("_ptr") else "i32")
-            for a in fn.arg_names
-            if a not in consts
-        }
+        sig = signature(fn, dtype, consts)
         compiled = triton.compile(
             ASTSource(fn=fn, signature=sig, constexprs=consts),
             target=GPUTarget("cuda", 90, 32),

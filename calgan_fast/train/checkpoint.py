@@ -6,22 +6,28 @@ folder. Only files named exactly so count as checkpoints: anything else in the f
 
 A write goes to a hidden temporary file in the same folder, is flushed and ``fsync``-ed, and only
 then renamed over the target, so a process killed midway leaves the previous checkpoints whole; a
-write that fails removes its temporary file.
+write that fails removes its temporary file. Checkpoints are read with ``weights_only=True``.
+
+A checkpoint holds every random state (:func:`rng_state`: torch's CPU generator, the CUDA
+generators when CUDA is in use, numpy's and Python's), so a resumed run draws the same numbers as
+one that was not interrupted.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = ["CKPT_RE", "checkpoint_name", "list_checkpoints", "atomic_save", "prune_checkpoints",
            "load_newest_checkpoint", "CorruptCheckpointError",
-           "remove_stale_temporaries", "load_module_state"]
+           "remove_stale_temporaries", "load_module_state", "rng_state", "set_rng_state"]
 
 #: The whole file name of a trainer checkpoint; nothing else in the folder is one.
 CKPT_RE = re.compile(r"^iter_(\d{7,})\.pth$")
@@ -168,3 +174,29 @@ def load_module_state(module: torch.nn.Module, sd, what: str, path: str | os.Pat
             f"{path}: {what} does not fit the configured network (was the run saved with another "
             f"config?); " + "; ".join(parts))
     module.load_state_dict(sd)
+
+
+def rng_state() -> dict:
+    """Every random state a training step draws from, as tensors and lists (``weights_only``
+    loadable): ``torch`` (CPU), ``cuda`` (all devices, when CUDA is initialised), ``numpy``, ``python``."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restores what :func:`rng_state` returned (the CUDA states only where CUDA is available)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

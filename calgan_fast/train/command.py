@@ -25,9 +25,10 @@ def _device(cfg) -> torch.device:
 
 def train_command(args) -> int:
     """Runs ``calgan train`` from parsed arguments (``preset``, ``config``, ``set``, ``out``, ``resume``)."""
+    from .checkpoint import list_checkpoints
     from .overrides import build_config, config_for_resume, record_changes
     from .startup import check_files, describe_changes, memory_warning
-    from .trainer import list_checkpoints, train
+    from .trainer import train
 
     out = Path(args.out) if args.out else None
     sets = getattr(args, "set", None) or []

@@ -16,8 +16,8 @@ import torch
 
 from .config import ConfigError, with_process_batch
 
-__all__ = ["LazyWriter", "check_files", "chance_window", "describe_changes", "estimate_step_memory",
-           "memory_warning", "select_subset"]
+__all__ = ["check_files", "chance_window", "describe_changes", "estimate_step_memory", "memory_warning",
+           "select_subset"]
 
 
 def _where(origin: Mapping[str, str] | None, key: str) -> str:
@@ -198,35 +198,3 @@ def select_subset(dataset, spec: Mapping, split: str = "train"):
         items = items[:limit]
     setattr(dataset, attr, items)
     return dataset
-
-
-class LazyWriter:
-    """A TensorBoard ``SummaryWriter`` made on its first use, so that a run that writes nothing
-    (a resume that stops at once, a failed start) leaves no empty event file."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder, self._w = str(folder), None
-
-    def __getattr__(self, name):
-        if self._w is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._w = SummaryWriter(self.folder)
-        return getattr(self._w, name)
-
-    def flush(self) -> None:
-        if self._w is not None:
-            self._w.flush()
-
-    def close(self) -> None:
-        if self._w is not None:
-            self._w.close()
-
-
-def tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -15,17 +15,20 @@ Run folder layout (``--out``)::
 Reproducibility: the data stream is a function of (seed, position) and every random state is
 saved in the checkpoint, so a run interrupted and resumed logs the same losses as one that was
 not (on the same device and thread count).
+
+The pieces it puts together: the adversarial losses of an iteration (:mod:`.step`, shared with the
+BasicSR integration), the log files and console (:mod:`.logs`), checkpoints and random states
+(:mod:`.checkpoint`), process groups and averaging (:mod:`.distributed`), the configuration
+(:mod:`.config`) and the start-up checks (:mod:`.startup`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
 import warnings
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +39,13 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._env import data_home
+from ..analysis import routing_quality_of_images
 from ..archs import CheckpointError, training_generator
 from ..data import HRFolderDataset, PairedFolderDataset, TrainSampler, sample_images, tensor2img, write_image
+from ..losses import PerceptualLoss, default_vgg19_path
 from ..metrics import psnr, ssim
+from ..nn.baselines import build_discriminator
 from .checkpoint import (
     CorruptCheckpointError,
     atomic_save,
@@ -48,77 +55,27 @@ from .checkpoint import (
     load_newest_checkpoint,
     prune_checkpoints,
     remove_stale_temporaries,
+    rng_state,
+    set_rng_state,
 )
-from .config import ConfigError
+from .config import ConfigError, with_process_batch
+from .distributed import allreduce_grads, average_scalars, dist_info, init_distributed, shutdown
+from .evaluate import json_safe
 from .inference import EMA
+from .logs import ChanceWatch, RunLog
+from .samples import bicubic_baseline, crops, routing_panel, sr_panel
+from .startup import chance_window, select_subset
+from .step import GANSettings, GANStep
 
 __all__ = ["Trainer", "train", "RunFolderError"]
+
 
 class RunFolderError(RuntimeError):
     """The output folder cannot be used as asked (it holds a run, or has none to resume)."""
 
 
 # --------------------------------------------------------------------------------------------
-# small utilities
-
-
-def _dist_info() -> tuple[int, int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
-
-
-def init_distributed(device: str) -> bool:
-    """Initialises torch.distributed from torchrun's environment; True when running distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
-        return dist.is_available() and dist.is_initialized()
-    backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    return True
-
-
-_atomic_save = atomic_save
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": _py_state_to_list(random.getstate()),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _py_state_to_list(s):
-    return [s[0], list(s[1]), s[2]]
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-    p = state["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _allreduce_grads(params: list[torch.Tensor], world: int) -> None:
-    # D is run several times per step (real, fake, and inside G's loss) with frozen parameters
-    # in between, which DistributedDataParallel does not allow; its gradients are averaged here.
-    grads = [p.grad for p in params if p.grad is not None]
-    if world <= 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+# building blocks
 
 
 def _make_optim(spec: dict, params) -> torch.optim.Optimizer:
@@ -146,8 +103,6 @@ def build_dataset(spec: dict, scale: int, train: bool, cache_dir: Path):
                       cache=spec["cache"])
     else:
         common.update(gt_size=None, use_hflip=False, use_rot=False)
-    from .startup import select_subset
-
     if spec["type"] == "PairedFolderDataset":
         ds = PairedFolderDataset(gt, spec["dataroot_lq"], scale=scale, **common)
     else:
@@ -157,8 +112,6 @@ def build_dataset(spec: dict, scale: int, train: bool, cache_dir: Path):
 
 def sample_dir() -> Path:
     """Where the bundled sample photos are written (``CALGAN_FAST_HOME`` or ~/.cache/calgan_fast)."""
-    from .._env import data_home
-
     return data_home() / "sample_images"
 
 
@@ -184,9 +137,7 @@ class Trainer:
         if dev == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device = 'cuda' but no GPU is available")
         self.distributed = init_distributed(dev)
-        self.rank, self.world, local = _dist_info()
-        from .config import with_process_batch
-
+        self.rank, self.world, local = dist_info()
         self.cfg = cfg = with_process_batch(cfg, self.world)
         self.device = torch.device(f"cuda:{local}" if dev == "cuda" else "cpu")
         if dev == "cuda":
@@ -196,6 +147,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
         self.scale = cfg["scale"]
+        self.log = RunLog(self.out, self.is_main, cfg["logger"]["use_tb_logger"])
         # Data first: a missing folder or a bad image fails before anything is written.
         cache = sample_dir()
         self.train_set = build_dataset(cfg["datasets"]["train"], self.scale, True, cache)
@@ -216,16 +168,6 @@ class Trainer:
         ds = self.train_set if train else self.val_set
         first = ds.pairs[0][0] if hasattr(ds, "pairs") else ds.files[0]
         return str(first.parent)
-
-    def _say(self, message: str) -> None:
-        """A line on the console (above the progress bar), rank 0 only."""
-        if not self.is_main:
-            return
-        bar = getattr(self, "_bar", None)
-        if bar is not None:
-            bar.write(message)
-        else:
-            print(message, flush=True)
 
     def _check_folder(self, resume: bool) -> None:
         ckpts = list_checkpoints(self.out / "checkpoints")
@@ -266,14 +208,10 @@ class Trainer:
         if cfg["path"]["pretrain_network_g"]:
             self.notes.append(f"generator: weights loaded from {cfg['path']['pretrain_network_g']} "
                               "(path.pretrain_network_g)")
-        from ..nn.baselines import build_discriminator
-
         try:
             self.net_d = build_discriminator(cfg["network_d"], cfg["datasets"]["train"]["gt_size"]).to(self.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        # Plain-GAN baselines (VGG-style, U-Net) train with the standard GAN losses only.
-        self.d_routed = cfg["network_d"]["type"] == "CALGANDiscriminator"
         if tr["sync_bn"] and self.distributed and self.device.type == "cpu":
             warnings.warn("train.sync_bn needs GPUs (torch's SyncBatchNorm does not run on CPU): "
                           "each process keeps its own BatchNorm statistics", stacklevel=2)
@@ -300,28 +238,22 @@ class Trainer:
         self.scaler_g = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.total = tr["pretrain_iter"] + tr["total_iter"]
-        from .startup import LazyWriter, chance_window, tensorboard_available
-
-        self.acc_window: deque = deque(maxlen=chance_window(cfg))
-        self.tb = None
-        if self.is_main and cfg["logger"]["use_tb_logger"]:
-            if tensorboard_available():
-                self.tb = LazyWriter(self.out / "tb")
-            else:
-                warnings.warn("tensorboard is not installed: no TensorBoard scalars "
-                              "(pip install tensorboard)", stacklevel=2)
+        settings = GANSettings.from_config(tr)
+        if getattr(self.net_d, "num_experts", None) == 1:
+            # N = 1 is the standard GAN configuration: one classifier, no routing losses.
+            settings = settings.without_routing_losses()
+        # Plain-GAN baselines (VGG-style, U-Net) train with the standard GAN losses only.
+        self.gan = GANStep(self.net_d, settings)
+        self.d_routed = self.gan.routed
+        self.chance = ChanceWatch(chance_window(cfg), cfg["logger"]["chance_margin"])
 
     def _build_perceptual(self):
         po = self.cfg["train"]["perceptual_opt"]
         if po["enabled"] is False or self.cfg["train"]["total_iter"] == 0:
             return None
-        from ..losses import PerceptualLoss
-
         try:
             # enabled: true fetches torchvision's file into the torch hub cache when it is missing.
             loss = PerceptualLoss(po["weights_path"] or "imagenet", download=po["enabled"] is True).to(self.device)
-            from ..losses import default_vgg19_path
-
             self.notes.append(f"perceptual loss: VGG19 weights from {po['weights_path'] or default_vgg19_path()}")
             return loss
         except FileNotFoundError as exc:
@@ -355,8 +287,8 @@ class Trainer:
             "sched_d": self.sched_d.state_dict(),
             "scaler_g": self.scaler_g.state_dict(),
             "scaler_d": self.scaler_d.state_dict(),
-            "acc_window": list(self.acc_window),
-            "rng": _rng_state(),
+            "acc_window": list(self.chance.window),
+            "rng": rng_state(),
         }
 
     def save_checkpoint(self) -> None:
@@ -364,7 +296,7 @@ class Trainer:
         if not self.is_main:
             return
         folder = self.out / "checkpoints"
-        _atomic_save(self._state(), folder / checkpoint_name(self.it))
+        atomic_save(self._state(), folder / checkpoint_name(self.it))
         prune_checkpoints(folder, self.cfg["logger"]["keep_checkpoints"])
 
     def _load_checkpoint(self) -> None:
@@ -384,23 +316,11 @@ class Trainer:
         self.sched_d.load_state_dict(st["sched_d"])
         self.scaler_g.load_state_dict(st["scaler_g"])
         self.scaler_d.load_state_dict(st["scaler_d"])
-        self.acc_window.extend(st["acc_window"])
-        _set_rng_state(st["rng"])
+        self.chance.window.extend(st["acc_window"])
+        set_rng_state(st["rng"])
         self.it = st["iter"]
         self.notes.append(f"resumed: full training state from {path} (iteration {self.it})")
-        if self.is_main:
-            self._truncate_log()
-
-    def _truncate_log(self) -> None:
-        # A run killed between checkpoints logged iterations that will now be redone.
-        path = self.out / "train_log.jsonl"
-        if not path.exists():
-            return
-        keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln)["iter"] <= self.it]
-        tmp = path.with_name(f".train_log.jsonl.tmp{os.getpid()}")
-        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-        os.replace(tmp, path)
+        self.log.truncate(self.it)
 
     # ---------------------------------------------------------------- steps
     def _autocast(self):
@@ -432,10 +352,8 @@ class Trainer:
         self.ema.update(self.net_g)
 
     def _step_gan(self, lq, gt) -> dict:
-        from ..losses import discriminator_loss, generator_adversarial_loss
-        from ..nn.baselines import plain_discriminator_loss, plain_generator_loss
-
         tr = self.cfg["train"]
+        gan = self.gan
         logs = {}
         # Generator: λ_r L1 + λ_p L_per + λ_g L_gen (D frozen, HR routing reused).
         self.opt_g.zero_grad(set_to_none=True)
@@ -444,36 +362,23 @@ class Trainer:
             # The real pass runs once per step, with gradient: L_gen reads its logits and routing
             # (detached), and the discriminator step below backpropagates through it. D's
             # parameters do not change in between, so this equals running it twice.
-            real = self.net_d(gt, return_aux=True) if self.d_routed else self.net_d(gt)
+            real = gan.real_pass(gt)
             l_pix = F.l1_loss(sr.float(), gt)
             l_g = tr["pixel_opt"]["loss_weight"] * l_pix
             if self.perceptual is not None:
                 l_per = self.perceptual(sr.float(), gt)
                 l_g = l_g + tr["perceptual_opt"]["loss_weight"] * l_per
                 logs["l_per"] = l_per.detach()
-            if self.d_routed:
-                l_gen = generator_adversarial_loss(self.net_d, gt, sr, tr["gan_opt"]["gan_type"], real=real)
-            else:
-                l_gen = plain_generator_loss(self.net_d, gt, sr, tr["gan_opt"]["gan_type"], real=real)
-            l_g = l_g + tr["gan_opt"]["loss_weight"] * l_gen
+            l_gen = gan.generator_loss(gt, sr, real=real)
+            l_g = l_g + gan.settings.lambda_g * l_gen
         self._update_g(l_g)
         logs.update(l_pix=l_pix.detach(), l_gen=l_gen.detach(), l_g_total=l_g.detach())
         # Discriminator.
-        do = tr["d_opt"]
-        weights = {k: do[k] for k in ("lambda_b", "lambda_o", "lambda_d", "lambda_dis")}
-        if self.d_routed and self.net_d.num_experts == 1:
-            # N = 1 is the standard GAN configuration: one classifier, no routing losses.
-            weights.update(lambda_b=0.0, lambda_o=0.0, lambda_d=0.0)
         self.opt_d.zero_grad(set_to_none=True)
         with self._autocast():
-            if self.d_routed:
-                d = discriminator_loss(self.net_d, gt, sr.detach(), weights, do["balance"],
-                                       tr["gan_opt"]["gan_type"], real=real)
-            else:
-                d = plain_discriminator_loss(self.net_d, gt, sr.detach(), tr["gan_opt"]["gan_type"], real=real)
-                d["total"] = do["lambda_dis"] * d["adv"]
+            d = gan.discriminator_loss(gt, sr, real=real)
         self.scaler_d.scale(d["total"]).backward()
-        _allreduce_grads(list(self.net_d.parameters()), self.world)
+        allreduce_grads(list(self.net_d.parameters()), self.world)
         self.scaler_d.unscale_(self.opt_d)
         self._clip(self.net_d.parameters())
         self.scaler_d.step(self.opt_d)
@@ -482,86 +387,19 @@ class Trainer:
         for k in ("balance", "ortho", "dist", "adv", "total"):
             if k in d:
                 logs[f"d_{k}"] = d[k].detach()
-        logs["d_acc_real"], logs["d_acc_fake"] = d["acc_d_real"].detach(), d["acc_d_fake"].detach()
-        if not self.d_routed:
-            return logs
-        # Usage as the routing maps show it: each pixel's most probable expert (the Gumbel-sampled
-        # experts of the step, which the losses use, are logged as expert_usage_sampled).
-        probs = d["routing"].probs.float()
-        n = probs.shape[1]
-        count = torch.stack([d["stats"].count.float(),
-                             torch.bincount(probs.argmax(1).reshape(-1), minlength=n).float()])
-        if self.distributed:
-            dist.all_reduce(count)
-        usage = count[1] / count[1].sum().clamp_min(1)
-        logs["usage"] = usage
-        logs["usage_sampled"] = count[0] / count[0].sum().clamp_min(1)
-        ent = -(usage * usage.clamp_min(1e-12).log()).sum() / max(math.log(n), 1e-12)
-        pix_ent = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean() / max(math.log(n), 1e-12)
-        logs["routing_entropy"] = ent
-        logs["routing_pixel_entropy"] = pix_ent
+        logs["acc_d_real"], logs["acc_d_fake"] = d["acc_d_real"].detach(), d["acc_d_fake"].detach()
+        logs.update(gan.routing_usage(d))
         return logs
 
     # ---------------------------------------------------------------- outputs
-    def _reduce_logs(self, logs: dict) -> dict:
-        """Losses and accuracies averaged over the ranks (usage is already global)."""
-        if not self.distributed:
-            return logs
-        keys = [k for k, v in logs.items() if not k.startswith("usage") and torch.is_tensor(v) and v.numel() == 1]
-        vals = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).to(self.device)
-        dist.all_reduce(vals)
-        vals /= self.world
-        return {**logs, **{k: vals[i] for i, k in enumerate(keys)}}
+    def _phase(self) -> int:
+        return 1 if self.it <= self.cfg["train"]["pretrain_iter"] else 2
 
-    def _log(self, logs: dict, it_per_s: float) -> dict:
-        flat = {"iter": self.it, "phase": 1 if self.it <= self.cfg["train"]["pretrain_iter"] else 2}
-        for k, v in logs.items():
-            if k.startswith("usage"):
-                flat["expert_" + k] = [round(float(x), 6) for x in v]
-            else:
-                flat[k] = float(v)
-        flat["lr_g"] = self.opt_g.param_groups[0]["lr"]
-        flat["lr_d"] = self.opt_d.param_groups[0]["lr"]
-        flat["it_per_s"] = round(it_per_s, 3)
-        if self.is_main:
-            with open(self.out / "train_log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(flat) + "\n")
-        return flat
-
-    def _tb(self, logs: dict) -> None:
-        if self.tb is None:
-            return
-        for k, v in logs.items():
-            if k == "usage_sampled":
-                continue
-            if k == "usage":
-                for i, x in enumerate(v.tolist()):
-                    self.tb.add_scalar(f"routing/expert_{i:02d}_usage", x, self.it)
-            elif k.startswith("routing"):
-                self.tb.add_scalar(f"routing/{k[8:]}", float(v), self.it)
-            elif k.startswith("d_acc"):
-                self.tb.add_scalar(f"accuracy/{k[2:]}", float(v), self.it)
-            else:
-                self.tb.add_scalar(f"loss/{k}", float(v), self.it)
-        self.tb.add_scalar("lr/g", self.opt_g.param_groups[0]["lr"], self.it)
-        self.tb.add_scalar("lr/d", self.opt_d.param_groups[0]["lr"], self.it)
-
-    def _check_chance(self, logs: dict) -> None:
-        if "d_acc_real" not in logs:
-            return
-        self.acc_window.append(0.5 * (float(logs["d_acc_real"]) + float(logs["d_acc_fake"])))
-        lg = self.cfg["logger"]
-        if len(self.acc_window) == self.acc_window.maxlen and self.is_main:
-            mean = sum(self.acc_window) / len(self.acc_window)
-            if mean < 0.5 + lg["chance_margin"] and self.it % self.acc_window.maxlen == 0:
-                warnings.warn(f"iteration {self.it}: the discriminator's accuracy on real/fake pixels has "
-                              f"stayed at chance ({mean:.3f}) for {self.acc_window.maxlen} iterations; "
-                              "consider a smaller train.d_opt.lambda_d", stacklevel=2)
+    def _lrs(self) -> tuple[float, float]:
+        return self.opt_g.param_groups[0]["lr"], self.opt_d.param_groups[0]["lr"]
 
     def _sample_pairs(self) -> list:
         if getattr(self, "_pairs", None) is None:
-            from .samples import crops
-
             ds = self.val_set if self.val_set is not None else self.train_set
             lg = self.cfg["logger"]
             items = []
@@ -578,23 +416,21 @@ class Trainer:
         """``iter_N_sr.png`` (labelled LR | SR | HR crops) and, once D trains, ``iter_N_routing.png``."""
         if not self.is_main:
             return
-        from .samples import routing_panel, sr_panel
-
         pairs = self._sample_pairs()
         if not pairs:
             return
         panel, _ = sr_panel(self.ema.model, pairs, self.scale, self.device, self.it)
         write_image(self.out / "samples" / f"iter_{self.it:07d}_sr.png", panel)
-        if self.tb is not None:
-            self.tb.add_image("samples/sr", panel, self.it, dataformats="HWC")
+        if self.log.tb is not None:
+            self.log.tb.add_image("samples/sr", panel, self.it, dataformats="HWC")
         if self.it <= self.cfg["train"]["pretrain_iter"] or not self.d_routed:
             return  # phase 1: D has not trained, its routing means nothing yet; baselines do not route
         rmap, usage = routing_panel(self.net_d, pairs, self.device, self.it)
         write_image(self.out / "samples" / f"iter_{self.it:07d}_routing.png", rmap)
-        if self.tb is not None:
-            self.tb.add_image("samples/routing", rmap, self.it, dataformats="HWC")
+        if self.log.tb is not None:
+            self.log.tb.add_image("samples/routing", rmap, self.it, dataformats="HWC")
             for i, x in enumerate(usage.tolist()):
-                self.tb.add_scalar(f"routing_map/expert_{i:02d}_usage", x, self.it)
+                self.log.tb.add_scalar(f"routing_map/expert_{i:02d}_usage", x, self.it)
 
     @torch.no_grad()
     def validate(self) -> dict | None:
@@ -614,35 +450,29 @@ class Trainer:
             p_sum += psnr(a, b, border, v["test_y_channel"])
             s_sum += ssim(a, b, border, v["test_y_channel"])
         if getattr(self, "_bicubic", None) is None:
-            from .samples import bicubic_baseline
-
             self._bicubic = bicubic_baseline(self.val_set, n, border, v["test_y_channel"])
         res = {"iter": self.it, "psnr": p_sum / n, "ssim": s_sum / n, "images": n,
                "bicubic_psnr": self._bicubic["psnr"], "bicubic_ssim": self._bicubic["ssim"]}
         chan = "Y" if v["test_y_channel"] else "RGB"
-        self._say(f"validation, iteration {self.it} (phase {1 if self.it <= self.cfg['train']['pretrain_iter'] else 2}, "
+        self.log.say(f"validation, iteration {self.it} (phase {self._phase()}, "
                   f"EMA generator, {n} image{'s' * (n > 1)}): PSNR-{chan} {res['psnr']:.2f} dB, "
                   f"SSIM {res['ssim']:.4f}; bicubic: {res['bicubic_psnr']:.2f} dB, {res['bicubic_ssim']:.4f}")
         if self.it > self.cfg["train"]["pretrain_iter"] and self.d_routed:  # D is trained: its routing
-            from ..analysis import routing_quality_of_images
-
             res["routing"] = routing_quality_of_images(self.net_d, [self.val_set[i]["gt"] for i in range(n)])
         path = self.out / "metrics.json"
         hist = json.loads(path.read_text()) if path.exists() else {"history": []}
         hist["history"] = [h for h in hist["history"] if h["iter"] < self.it] + [res]
         hist["final"] = res
         tmp = path.with_name(f".metrics.json.tmp{os.getpid()}")
-        from .evaluate import json_safe
-
         tmp.write_text(json.dumps(json_safe(hist), indent=2, allow_nan=False))
         os.replace(tmp, path)
-        if self.tb is not None:
-            self.tb.add_scalar("val/psnr", res["psnr"], self.it)
-            self.tb.add_scalar("val/ssim", res["ssim"], self.it)
-            self.tb.add_scalar("val/bicubic_psnr", res["bicubic_psnr"], self.it)
+        if self.log.tb is not None:
+            self.log.tb.add_scalar("val/psnr", res["psnr"], self.it)
+            self.log.tb.add_scalar("val/ssim", res["ssim"], self.it)
+            self.log.tb.add_scalar("val/bicubic_psnr", res["bicubic_psnr"], self.it)
             for k in ("usage_entropy", "experts_alive", "nmi_content"):
                 if "routing" in res:
-                    self.tb.add_scalar(f"val_routing/{k}", res["routing"][k], self.it)
+                    self.log.tb.add_scalar(f"val_routing/{k}", res["routing"][k], self.it)
         return res
 
     def _plot(self) -> None:
@@ -658,7 +488,7 @@ class Trainer:
     def save_final(self) -> Path:
         path = self.out / "models" / "net_g_final.pth"
         if self.is_main:
-            _atomic_save({"params": self.net_g.state_dict(), "params_ema": self.ema.model.state_dict(),
+            atomic_save({"params": self.net_g.state_dict(), "params_ema": self.ema.model.state_dict(),
                           "network_g": self.g_spec, "scale": self.scale}, path)
         return path
 
@@ -680,20 +510,16 @@ class Trainer:
                             generator=torch.Generator().manual_seed(cfg["manual_seed"]))
         self.net_g.train()
         self.net_d.train()
-        bar = None
         if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.total, initial=self.it, desc=cfg["name"], unit="it", dynamic_ncols=True)
-        self._bar = bar
+            self.log.open_bar(self.total, self.it, cfg["name"])
         for note in self.notes:
-            self._say(note)
+            self.log.say(note)
         phases = [f"phase 1 (L1 pre-training): iterations 1-{pre}"] if pre else []
         if self.total > pre:
             phases.append(f"phase 2 (CAL-GAN): iterations {pre + 1}-{self.total}")
-        self._say("; ".join(phases))
+        self.log.say("; ".join(phases))
         if dcfg["cache"] and self.it < end_of_first_pass(len(self.train_set), bs):
-            self._say(f"datasets.train.cache: the first pass decodes the {len(self.train_set)} training images "
+            self.log.say(f"datasets.train.cache: the first pass decodes the {len(self.train_set)} training images "
                       "and keeps them in memory; iterations speed up once it is done")
         last: dict = {}
         t0, n0 = time.perf_counter(), self.it
@@ -707,35 +533,29 @@ class Trainer:
                 # Phase 2 starts: fresh optimiser, the EMA restarts from the pre-trained weights.
                 self._phase_optimizer(2)
                 self.ema.reset(self.net_g)
-                self._say(f"iteration {self.it}: phase 1 done; phase 2 (CAL-GAN) starts with a fresh "
+                self.log.say(f"iteration {self.it}: phase 1 done; phase 2 (CAL-GAN) starts with a fresh "
                           "optimiser (train.optim_g) and the EMA restarted from the phase-1 weights")
             self.it += 1
             logs = self._step_pretrain(lq, gt) if self.it <= pre else self._step_gan(lq, gt)
-            self._check_chance(logs)
+            self.chance.update(self.it, logs, warn=self.is_main)
+            line = None
             if self.it % lg["print_freq"] == 0 or self.it == end:
                 rate = (self.it - n0) / max(time.perf_counter() - t0, 1e-9)
-                logs = self._reduce_logs(logs)
-                last = self._log(logs, rate)
-                self._tb(logs)
-                if bar is not None:
-                    keys = ("l_pix", "l_gen", "d_adv", "d_acc_real", "d_acc_fake")
-                    bar.set_postfix({k: f"{last[k]:.3g}" for k in keys if k in last}, refresh=False)
-            if bar is not None:
-                bar.update(1)
+                logs = average_scalars(logs, self.world, self.device)
+                line = last = self.log.write(self.it, self._phase(), logs, *self._lrs(), rate)
+                self.log.scalars(self.it, logs, *self._lrs())
+            self.log.advance(line)
             if self.it % lg["sample_freq"] == 0 or self.it == self.total:
                 self.write_samples()
             if self.it % cfg["val"]["val_freq"] == 0 or self.it == self.total or self.it == pre:
                 self.validate()
             if self.it % lg["save_checkpoint_freq"] == 0 or self.it == end:
                 self.save_checkpoint()
-        if bar is not None:
-            bar.close()
-        self._bar = None
+        self.log.close_bar()
         if self.it == self.total:
             self.save_final()
             self._plot()
-        if self.tb is not None:
-            self.tb.flush()
+        self.log.flush()
         return last
 
 
@@ -751,6 +571,5 @@ def train(cfg: dict, out: str | os.PathLike, resume: bool = False, stop_after: i
     try:
         return trainer.run() if trainer.is_main else {**trainer.run(), "_rank": trainer.rank}
     finally:
-        if trainer.distributed and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        if trainer.distributed:
+            shutdown()

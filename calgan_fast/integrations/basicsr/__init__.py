@@ -30,8 +30,8 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
-from ...losses import discriminator_loss, generator_adversarial_loss
 from ...nn.discriminator import CALGANDiscriminator
+from ...train.step import GANSettings, GANStep
 from .._torchvision_compat import install_functional_tensor_alias
 
 install_functional_tensor_alias()
@@ -121,10 +121,23 @@ class CALGANOptions:
             raise ValueError(f"train:calgan_opt: unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}")
         return cls(**dict(block))
 
+    def gan_settings(self, train_opt: Mapping | None = None) -> GANSettings:
+        """These options under the trainer's names (:class:`calgan_fast.train.step.GANSettings`).
+
+        ``gen_weight=None`` takes ``train_opt["gan_opt"]["loss_weight"]`` when ``train_opt`` has
+        a ``gan_opt`` block, else the paper's 0.005.
+        """
+        gen_weight = self.gen_weight
+        if gen_weight is None:
+            gan_opt = (train_opt or {}).get("gan_opt")
+            gen_weight = float(gan_opt.get("loss_weight", 1.0)) if gan_opt else DEFAULT_GEN_WEIGHT
+        return GANSettings(gan_type=self.gan, balance=self.balance_mode, lambda_b=self.balance_weight,
+                           lambda_o=self.ortho_weight, lambda_d=self.dist_weight, lambda_dis=self.adv_weight,
+                           lambda_g=float(gen_weight))
+
     def d_weights(self) -> dict[str, float]:
         """The weights in the form :func:`calgan_fast.losses.discriminator_loss` takes."""
-        return {"lambda_b": self.balance_weight, "lambda_o": self.ortho_weight, "lambda_d": self.dist_weight,
-                "lambda_dis": self.adv_weight}
+        return self.gan_settings().d_weights()
 
 
 class CALGANModel(SRGANModel):
@@ -132,12 +145,12 @@ class CALGANModel(SRGANModel):
 
     Generator step (every ``net_d_iters`` iterations after ``net_d_init_iters``, as in BasicSR):
     ``pixel_opt`` and ``perceptual_opt`` losses as configured, plus ``gen_weight · L_gen`` where D
-    scores the SR image with the experts of the HR image
-    (:func:`calgan_fast.losses.generator_adversarial_loss`).
+    scores the SR image with the experts of the HR image.
 
     Discriminator step (every iteration): the real (HR) pass first; its routing, detached, routes
     the SR pass; ``L_D = λ_b L_b + λ_o L_o + λ_d L_dist + λ_dis L_dis`` from the real pass's router
-    and expert statistics (:func:`calgan_fast.losses.discriminator_loss`).
+    and expert statistics. Both losses come from :class:`calgan_fast.train.step.GANStep`, as in
+    ``calgan train``; :meth:`CALGANOptions.gan_settings` maps the ``calgan_opt`` keys to its settings.
 
     ``network_d`` must be a :class:`calgan_fast.CALGANDiscriminator` (e.g. ``type:
     CALGANFastDiscriminator``). ``gan_opt``, if present, only supplies the default ``gen_weight``:
@@ -154,16 +167,13 @@ class CALGANModel(SRGANModel):
                             f"got {type(bare).__name__}")
         train_opt = self.opt["train"]
         self.calgan_opt = CALGANOptions.from_train_opt(train_opt)
-        gen_weight = self.calgan_opt.gen_weight
-        if gen_weight is None:
-            gan_opt = train_opt.get("gan_opt")
-            gen_weight = float(gan_opt.get("loss_weight", 1.0)) if gan_opt else DEFAULT_GEN_WEIGHT
-        self.gen_weight = float(gen_weight)
+        self.gan = GANStep(self.net_d, self.calgan_opt.gan_settings(train_opt))
+        self.gen_weight = self.gan.settings.lambda_g
         get_root_logger().info(f"CAL-GAN options: {asdict(self.calgan_opt)}; generator adversarial "
                                f"weight {self.gen_weight:g}")
 
     def optimize_parameters(self, current_iter):
-        opts = self.calgan_opt
+        gan = self.gan
         loss_dict = OrderedDict()
 
         # Generator: D's parameters get no gradient (the loss also freezes them, this saves the work).
@@ -185,8 +195,7 @@ class CALGANModel(SRGANModel):
                 if l_g_style is not None:
                     l_g_total += l_g_style
                     loss_dict["l_g_style"] = l_g_style
-            l_g_gan = self.gen_weight * generator_adversarial_loss(self.net_d, self.gt, self.output,
-                                                                        gan_type=opts.gan)
+            l_g_gan = self.gen_weight * gan.generator_loss(self.gt, self.output)
             l_g_total += l_g_gan
             loss_dict["l_g_gan"] = l_g_gan
             l_g_total.backward()
@@ -196,8 +205,7 @@ class CALGANModel(SRGANModel):
         for p in self.net_d.parameters():
             p.requires_grad = True
         self.optimizer_d.zero_grad()
-        d = discriminator_loss(self.net_d, self.gt, self.output.detach(), weights=opts.d_weights(),
-                               balance=opts.balance_mode, gan_type=opts.gan)
+        d = gan.discriminator_loss(self.gt, self.output)
         d["total"].backward()
         self.optimizer_d.step()
         loss_dict["l_d_total"] = d["total"].detach()
