@@ -26,8 +26,9 @@ EXAMPLE_YAML = ROOT / "examples" / "basicsr_calgan.yml"
 MINIMAL_LOOP = ROOT / "examples" / "minimal_loop.py"
 
 # Skip only when BasicSR is not installed at all; if it is, the integration must import.
-needs_basicsr = pytest.mark.skipif(importlib.util.find_spec("basicsr") is None,
-                                   reason='needs BasicSR: pip install --no-build-isolation "calgan_fast[basicsr]"')
+needs_basicsr = pytest.mark.skipif(
+    importlib.util.find_spec("basicsr") is None,
+    reason='needs BasicSR: pip install --no-build-isolation "calgan_fast[basicsr]"')
 
 
 def _env() -> dict:
@@ -304,7 +305,8 @@ def test_basicsr_example_yaml_trains_three_iterations(tmp_path):
     d1 = torch.load(exp / "models" / "net_d_latest.pth", map_location="cpu", weights_only=True)["params"]
     assert set(d1) == set(d0)
     assert _changed(g0, g1["params"]), "generator parameters did not change"
-    assert _changed(d0, d1, "proj") and _changed(d0, d1, "features."), "discriminator parameters did not change"
+    assert _changed(d0, d1, "proj") and _changed(d0, d1, "features."), \
+        "discriminator parameters did not change"
     assert all(torch.isfinite(v).all() for v in d1.values() if v.is_floating_point())
 
 

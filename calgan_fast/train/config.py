@@ -92,7 +92,8 @@ DEFAULTS: dict[str, Any] = {
             "weights_path": None,  # None: torchvision's file in the torch hub cache
         },
         "gan_opt": {"gan_type": "relativistic", "loss_weight": 0.005},
-        "d_opt": {"balance": "paper", "lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0},
+        "d_opt": {"balance": "paper", "lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0,
+                  "lambda_dis": 1.0},
     },
     "logger": {
         "print_freq": 100,
@@ -281,7 +282,8 @@ def validate(cfg: Mapping, where: str = "config") -> None:
     # The multiple the discriminator needs: its patch size p, 8 for the U-Net's three halvings.
     mult = {"CALGANDiscriminator": nd["patch_size"], "UNetDiscriminatorSN": 8}.get(nd["type"], 4)
     if not isinstance(tr["gt_size"], int) or tr["gt_size"] % mult or tr["gt_size"] % cfg["scale"]:
-        what = "network_d.patch_size" if nd["type"] == "CALGANDiscriminator" else f"network_d.type {nd['type']}"
+        what = ("network_d.patch_size" if nd["type"] == "CALGANDiscriminator"
+                else f"network_d.type {nd['type']}")
         raise ConfigError(f"{where}: datasets.train.gt_size = {tr['gt_size']!r} must be a multiple of {mult} "
                           f"({what}) and of scale {cfg['scale']}")
     if nd["type"] == "VGGStyleDiscriminator" and tr["gt_size"] not in (128, 256):

@@ -80,11 +80,13 @@ class RunFolderError(RuntimeError):
 
 def _make_optim(spec: dict, params) -> torch.optim.Optimizer:
     cls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[spec["type"]]
-    return cls(params, lr=float(spec["lr"]), betas=tuple(spec["betas"]), weight_decay=float(spec["weight_decay"]))
+    return cls(params, lr=float(spec["lr"]), betas=tuple(spec["betas"]),
+               weight_decay=float(spec["weight_decay"]))
 
 
 def _make_sched(spec: dict, opt) -> torch.optim.lr_scheduler.MultiStepLR:
-    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(spec["milestones"]), gamma=float(spec["gamma"]))
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(spec["milestones"]),
+                                                gamma=float(spec["gamma"]))
 
 
 def _resolve_root(root: str | None, split: str, cache_dir: Path) -> str | None:
@@ -209,7 +211,8 @@ class Trainer:
             self.notes.append(f"generator: weights loaded from {cfg['path']['pretrain_network_g']} "
                               "(path.pretrain_network_g)")
         try:
-            self.net_d = build_discriminator(cfg["network_d"], cfg["datasets"]["train"]["gt_size"]).to(self.device)
+            net_d = build_discriminator(cfg["network_d"], cfg["datasets"]["train"]["gt_size"])
+            self.net_d = net_d.to(self.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if tr["sync_bn"] and self.distributed and self.device.type == "cpu":
@@ -253,8 +256,10 @@ class Trainer:
             return None
         try:
             # enabled: true fetches torchvision's file into the torch hub cache when it is missing.
-            loss = PerceptualLoss(po["weights_path"] or "imagenet", download=po["enabled"] is True).to(self.device)
-            self.notes.append(f"perceptual loss: VGG19 weights from {po['weights_path'] or default_vgg19_path()}")
+            loss = PerceptualLoss(po["weights_path"] or "imagenet", download=po["enabled"] is True)
+            loss = loss.to(self.device)
+            self.notes.append("perceptual loss: VGG19 weights from "
+                              f"{po['weights_path'] or default_vgg19_path()}")
             return loss
         except FileNotFoundError as exc:
             if po["enabled"] is True:
@@ -501,7 +506,8 @@ class Trainer:
         bs = dcfg["batch_size_per_gpu"]
         if self.opt_g is None:
             self._phase_optimizer(1 if pre > 0 else 2)
-        sampler = TrainSampler(len(self.train_set), cfg["manual_seed"], self.rank, self.world, start=self.it * bs)
+        sampler = TrainSampler(len(self.train_set), cfg["manual_seed"], self.rank, self.world,
+                               start=self.it * bs)
         loader = DataLoader(self.train_set, batch_size=bs, sampler=sampler,
                             num_workers=dcfg["num_worker_per_gpu"], pin_memory=self.device.type == "cuda",
                             persistent_workers=False,
@@ -519,8 +525,8 @@ class Trainer:
             phases.append(f"phase 2 (CAL-GAN): iterations {pre + 1}-{self.total}")
         self.log.say("; ".join(phases))
         if dcfg["cache"] and self.it < end_of_first_pass(len(self.train_set), bs):
-            self.log.say(f"datasets.train.cache: the first pass decodes the {len(self.train_set)} training images "
-                      "and keeps them in memory; iterations speed up once it is done")
+            self.log.say(f"datasets.train.cache: the first pass decodes the {len(self.train_set)} training "
+                         "images and keeps them in memory; iterations speed up once it is done")
         last: dict = {}
         t0, n0 = time.perf_counter(), self.it
         data = iter(loader)

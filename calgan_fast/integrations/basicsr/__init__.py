@@ -71,7 +71,8 @@ class CALGANFastDiscriminator(CALGANDiscriminator):
                  share_classifier: bool = False, backend: str = "auto", *, num_in_ch: int | None = None):
         if num_in_ch is not None:
             if in_channels not in (3, num_in_ch):
-                raise ValueError(f"num_in_ch: {num_in_ch} contradicts in_channels={in_channels}; give one of them")
+                raise ValueError(f"num_in_ch: {num_in_ch} contradicts in_channels={in_channels}; "
+                                 "give one of them")
             in_channels = num_in_ch
         super().__init__(in_channels, num_feat, num_experts, hidden, routing, tau, share_classifier, backend)
 
@@ -102,10 +103,12 @@ class CALGANOptions:
             value = getattr(self, name)
             if value is None and name == "gen_weight":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < 0:
                 raise ValueError(f"train:calgan_opt:{name}: expected a finite number >= 0, got {value!r}")
         if self.balance_mode not in _BALANCE_MODES:
-            raise ValueError(f"train:calgan_opt:balance_mode: expected one of {_BALANCE_MODES}, got {self.balance_mode!r}")
+            raise ValueError(f"train:calgan_opt:balance_mode: expected one of {_BALANCE_MODES}, "
+                             f"got {self.balance_mode!r}")
         if self.gan not in _GANS:
             raise ValueError(f"train:calgan_opt:gan: expected one of {_GANS}, got {self.gan!r}")
 
@@ -118,7 +121,8 @@ class CALGANOptions:
         known = {f.name for f in fields(cls)}
         unknown = set(block) - known
         if unknown:
-            raise ValueError(f"train:calgan_opt: unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise ValueError(f"train:calgan_opt: unknown keys {sorted(unknown)}; "
+                             f"expected a subset of {sorted(known)}")
         return cls(**dict(block))
 
     def gan_settings(self, train_opt: Mapping | None = None) -> GANSettings:
@@ -224,7 +228,8 @@ def _register(registry, name: str, obj) -> None:
     """Register ``obj`` as ``name``; a reload of this module re-registers, a foreign object is an error."""
     if name in registry:
         old = registry.get(name)
-        if (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) != (obj.__module__, obj.__qualname__):
+        old_name = (getattr(old, "__module__", None), getattr(old, "__qualname__", None))
+        if old_name != (obj.__module__, obj.__qualname__):
             raise RuntimeError(f"BasicSR's {registry._name} registry already holds a different {name!r} "
                                f"({old.__module__}.{old.__qualname__})")
         registry._obj_map[name] = obj
