@@ -246,7 +246,7 @@ class Trainer:
             # N = 1 is the standard GAN configuration: one classifier, no routing losses.
             settings = settings.without_routing_losses()
         # Plain-GAN baselines (VGG-style, U-Net) train with the standard GAN losses only.
-        self.gan = GANStep(self.net_d, settings)
+        self.gan = GANStep(self.net_d, settings, tr["total_iter"], cfg["manual_seed"])
         self.d_routed = self.gan.routed
         self.chance = ChanceWatch(chance_window(cfg), cfg["logger"]["chance_margin"])
 
@@ -293,6 +293,7 @@ class Trainer:
             "scaler_g": self.scaler_g.state_dict(),
             "scaler_d": self.scaler_d.state_dict(),
             "acc_window": list(self.chance.window),
+            "gan_step": self.gan.state_dict(),
             "rng": rng_state(),
         }
 
@@ -322,6 +323,8 @@ class Trainer:
         self.scaler_g.load_state_dict(st["scaler_g"])
         self.scaler_d.load_state_dict(st["scaler_d"])
         self.chance.window.extend(st["acc_window"])
+        if "gan_step" in st:
+            self.gan.load_state_dict(st["gan_step"])
         set_rng_state(st["rng"])
         self.it = st["iter"]
         self.notes.append(f"resumed: full training state from {path} (iteration {self.it})")
@@ -359,6 +362,8 @@ class Trainer:
     def _step_gan(self, lq, gt) -> dict:
         tr = self.cfg["train"]
         gan = self.gan
+        i = self.it - tr["pretrain_iter"]  # adversarial iteration, from 1
+        gan.start_iteration(i)
         logs = {}
         # Generator: λ_r L1 + λ_p L_per + λ_g L_gen (D frozen, HR routing reused).
         self.opt_g.zero_grad(set_to_none=True)
@@ -389,11 +394,17 @@ class Trainer:
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
         self.sched_d.step()
-        for k in ("balance", "ortho", "dist", "adv", "total"):
+        for k in ("balance", "ortho", "dist", "z", "adv", "total"):
             if k in d:
                 logs[f"d_{k}"] = d[k].detach()
         logs["acc_d_real"], logs["acc_d_fake"] = d["acc_d_real"].detach(), d["acc_d_fake"].detach()
         logs.update(gan.routing_usage(d))
+        revived = gan.end_iteration(i, d, self.opt_d, shares=logs.get("usage_sampled"))
+        if revived:
+            self.log.say(f"iteration {self.it}: revived silent expert(s) {revived} "
+                         "(train.d_opt.revive_every)")
+        if gan.settings.tau_end is not None and self.d_routed:
+            logs["tau"] = torch.tensor(gan.tau_at(i))
         return logs
 
     # ---------------------------------------------------------------- outputs
