@@ -116,18 +116,21 @@ def _cmd_prepare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="calgan", description="CAL-GAN super-resolution: train, evaluate, upscale.")
+    p = argparse.ArgumentParser(prog="calgan",
+                                description="CAL-GAN super-resolution: train, evaluate, upscale.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a generator with the CAL-GAN discriminator")
     t.add_argument("--preset", choices=["quickstart", "paper"],
                    help="base settings; default: the config's 'base:' key, else quickstart")
-    t.add_argument("--config", help="YAML file; its keys override the base's (with --resume: the saved config's)")
+    t.add_argument("--config",
+                   help="YAML file; its keys override the base's (with --resume: the saved config's)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override one key, e.g. --set train.total_iter=600 (repeatable; value read as YAML)")
     t.add_argument("--out", help="run folder (default runs/<name>)")
     t.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint; --config/--set change its saved config")
+                   help="continue the run in --out from its last checkpoint; "
+                   "--config/--set change its saved config")
     t.set_defaults(func=_cmd_train)
 
     def model_args(q, required: bool):
@@ -148,18 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lr", help="LR inputs for --gt (default: made from the HR images by MATLAB bicubic)")
     e.add_argument("--sr", help="folder of SR images made elsewhere, compared with --gt")
     model_args(e, required=False)
-    e.add_argument("--metrics", nargs="+", metavar="M", help="psnr ssim lpips lpips-vgg dists brisque niqe fid "
-                   "(default: psnr ssim lpips dists brisque fid, leaving out those that cannot be built)")
+    e.add_argument("--metrics", nargs="+", metavar="M",
+                   help="psnr ssim lpips lpips-vgg dists brisque niqe fid (default: psnr ssim lpips dists "
+                   "brisque fid, leaving out those that cannot be built)")
     e.add_argument("--no-bicubic", action="store_true", help="leave out the bicubic baseline column")
     e.add_argument("--save-sr", help="folder for the model's SR images (one subfolder per set)")
     e.add_argument("--crop-border", type=int, default=None, help="border removed (default: the scale)")
     e.add_argument("--rgb", action="store_true", help="PSNR/SSIM on RGB instead of the Y channel")
-    e.add_argument("--psnr-only", action="store_true", help="only PSNR and SSIM (same as --metrics psnr ssim)")
-    e.add_argument("--out", help="folder for metrics.json, metrics_per_image.csv, metrics_per_set.csv, metrics.md")
+    e.add_argument("--psnr-only", action="store_true",
+                   help="only PSNR and SSIM (same as --metrics psnr ssim)")
+    e.add_argument("--out",
+                   help="folder for metrics.json, metrics_per_image.csv, metrics_per_set.csv, metrics.md")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=_cmd_eval)
 
-    a = sub.add_parser("analyze", help="routing maps, t-SNE of the routed features and routing quality of a D")
+    a = sub.add_parser("analyze",
+                       help="routing maps, t-SNE of the routed features and routing quality of a D")
     a.add_argument("--d", required=True, help="discriminator weights: a run checkpoint or a state dict")
     a.add_argument("--images", required=True, nargs="+", help="HR images or folders")
     a.add_argument("--sr", help="folder of SR images of the same names (routing maps of SR)")

@@ -90,10 +90,12 @@ class OfficialMOD(nn.Module):
         if routing is None:
             routing = torch.softmax(rows @ self.w_gating1, dim=-1)
         elif tuple(routing.shape) != (b, h * w, self.num_expert):
-            raise ValueError(f"routing: expected shape {(b, h * w, self.num_expert)}, got {tuple(routing.shape)}")
+            raise ValueError(f"routing: expected shape {(b, h * w, self.num_expert)}, "
+                             f"got {tuple(routing.shape)}")
         features = self.orthonet(rows).split(c, dim=-1)
         # Dense, as in the original: every expert's classifier on every pixel, then select.
-        scores = torch.stack([clf(feat) for clf, feat in zip(self.classifiers, features)], dim=-1)  # (B, hw, 1, N)
+        # (B, hw, 1, N)
+        scores = torch.stack([clf(feat) for clf, feat in zip(self.classifiers, features)], dim=-1)
         top = routing.argmax(dim=-1)  # (B, hw)
         out = scores.gather(-1, top[:, :, None, None]).squeeze(-1)
         ortho_weight = self.orthonet.trans.weight.view(self.num_expert, -1)
@@ -124,7 +126,8 @@ def official_d_losses(routing: Tensor, features, ortho_weight: Tensor) -> dict:
     expert = routing.argmax(-1)
     # The switch loss of the paper variant over a (B, N, 1, hw) layout gives the same value.
     balance = balancing_loss(routing.transpose(1, 2).reshape(b, n, 1, hw), expert.reshape(b, 1, hw), "switch")
-    total = OFFICIAL_WEIGHTS["ortho"] * ortho + OFFICIAL_WEIGHTS["lda"] * lda + OFFICIAL_WEIGHTS["balance"] * balance
+    w = OFFICIAL_WEIGHTS
+    total = w["ortho"] * ortho + w["lda"] * lda + w["balance"] * balance
     return {"ortho": ortho, "lda": lda, "balance": balance, "total": total}
 
 

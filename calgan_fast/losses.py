@@ -127,7 +127,8 @@ def distribution_loss(stats: ExpertStats, return_parts: bool = False):
     return (total, between, within) if return_parts else total
 
 
-def gan_loss(real: Tensor, fake: Tensor, gan_type: str = "relativistic", for_discriminator: bool = True) -> Tensor:
+def gan_loss(real: Tensor, fake: Tensor, gan_type: str = "relativistic",
+             for_discriminator: bool = True) -> Tensor:
     """Adversarial loss on logits, in the convention of ESRGAN, BasicSR and the authors' code.
 
     ``relativistic`` (RaGAN, each BCE averaged over the batch's pixels), ``r`` and ``f`` the real
@@ -289,7 +290,8 @@ class PerceptualLoss(nn.Module):
         lw = dict(DEFAULT_LAYER_WEIGHTS if layer_weights is None else layer_weights)
         unknown = set(lw) - set(VGG19_LAYERS)
         if unknown:
-            raise ValueError(f"layer_weights: unknown layers {sorted(unknown)}; choose from {sorted(VGG19_LAYERS)}")
+            raise ValueError(f"layer_weights: unknown layers {sorted(unknown)}; "
+                             f"choose from {sorted(VGG19_LAYERS)}")
         if not lw:
             raise ValueError("layer_weights: empty")
         self.layer_weights = lw

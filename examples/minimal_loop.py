@@ -35,9 +35,9 @@ class TinySR(nn.Module):
 
 def batch(n: int, size: int, gen: torch.Generator, device: str):
     """Stand-in data: textured HR patches in [0, 1] and their x4 bicubic-downscaled LR copies."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    freq, phase = torch.rand(2, n, 3, 1, 1, generator=gen) * torch.tensor([0.8, 2 * torch.pi]).view(2, 1, 1, 1, 1)
-    hr = (0.5 + 0.3 * torch.sin(freq * (xx + 0.5 * yy) + phase) + 0.1 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1)
+    xy = torch.arange(size) + 0.5 * torch.arange(size)[:, None]  # x + y / 2
+    f, ph = torch.rand(2, n, 3, 1, 1, generator=gen) * torch.tensor([0.8, 2 * torch.pi]).view(2, 1, 1, 1, 1)
+    hr = (0.5 + 0.3 * torch.sin(f * xy + ph) + 0.1 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1)
     lr = F.interpolate(hr, scale_factor=0.25, mode="bicubic", antialias=True).clamp(0, 1)
     return lr.to(device), hr.to(device)
 
@@ -63,7 +63,8 @@ def main(steps=100, batch_size=4, size=64, experts=12, device="cpu", vgg=None, s
         opt_d.zero_grad(set_to_none=True)
         d["total"].backward()
         opt_d.step()
-        history.append({"l_g_total": l_g.item(), **{(k if k[:3] == "acc" else f"l_d_{k}"): d[k].item() for k in LOGGED}})
+        logged = {(k if k[:3] == "acc" else f"l_d_{k}"): d[k].item() for k in LOGGED}
+        history.append({"l_g_total": l_g.item(), **logged})
         if log_every and (step % log_every == 0 or step == steps):
             print(f"step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in history[-1].items()), flush=True)
     return G, D, history
@@ -71,9 +72,8 @@ def main(steps=100, batch_size=4, size=64, experts=12, device="cpu", vgg=None, s
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name, default in (("steps", 100), ("batch-size", 4), ("size", 64), ("experts", 12), ("log-every", 10)):
-        p.add_argument(f"--{name}", type=int, default=default)
+    for name, d in (("steps", 100), ("batch-size", 4), ("size", 64), ("experts", 12), ("log-every", 10)):
+        p.add_argument(f"--{name}", type=int, default=d)
     p.add_argument("--device", default="cpu")
     p.add_argument("--vgg", default=None, help="ImageNet VGG19 weights file for the perceptual loss")
-    a = p.parse_args()
-    main(a.steps, a.batch_size, a.size, a.experts, a.device, a.vgg, log_every=a.log_every)
+    main(**vars(p.parse_args()))

@@ -8,5 +8,5 @@ from ._config import INTERPRET
 from .routed_head import routed_head_bwd, routed_head_fwd
 from .routing import routing_metadata, segment_map, segment_maps, segment_sum
 
-__all__ = ["INTERPRET", "routed_head_bwd", "routed_head_fwd", "routing_metadata", "segment_map", "segment_maps",
-           "segment_sum"]
+__all__ = ["INTERPRET", "routed_head_bwd", "routed_head_fwd", "routing_metadata", "segment_map",
+           "segment_maps", "segment_sum"]

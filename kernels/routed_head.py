@@ -470,7 +470,8 @@ class _Cfg:
         # a few times over, so that even c = 256 with few experts keeps every SM busy.
         blocks = triton.cdiv(c, self.block_n) * triton.cdiv(c, self.block_k)
         if sms is None:  # the multiprocessors of the device (a compile report names its own)
-            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+            cuda = device.type == "cuda"
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
         slabs = max(1, (4 * sms) // blocks)
         self.slab_m = max(self.block_m, triton.cdiv(triton.cdiv(m, slabs), self.block_m) * self.block_m)
 
@@ -519,8 +520,8 @@ def routed_head_fwd(x, expert, gate, proj, w1, b1, w2, b2):
         g_m2 = torch.empty(g_max, dtype=cfg.acc, device=x.device)
         g_start = torch.empty(g_max, dtype=torch.int32, device=x.device)
         g_stop = torch.empty(g_max, dtype=torch.int32, device=x.device)
-        _stats_group_kernel[(g_max,)](tile_sum, tile_m2, tile_start, tile_stop, grp_expert, grp_start, grp_stop,
-                                      g_sum, g_m2, g_start, g_stop, c, BLOCK_C=cfg.block_c)
+        _stats_group_kernel[(g_max,)](tile_sum, tile_m2, tile_start, tile_stop, grp_expert, grp_start,
+                                      grp_stop, g_sum, g_m2, g_start, g_stop, c, BLOCK_C=cfg.block_c)
         tile_sum, tile_m2, tile_start, tile_stop, tile_off = g_sum, g_m2, g_start, g_stop, grp_off
     _expert_stats_kernel[(n_exp,)](tile_sum, tile_m2, tile_start, tile_stop, tile_off, mean, var, c,
                                    BLOCK_C=cfg.block_c)

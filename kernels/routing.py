@@ -12,8 +12,9 @@ Algorithm (a stable counting sort of the M rows by their top-1 expert, no host s
    at ``offsets[e] + blk_base[b, e] + rank``. Rows of one expert keep their order: stable,
    deterministic, every slot of ``perm`` written exactly once.
 4. ``_segment_map_kernel``: cuts every expert's range of ``perm`` into segments of ``SEG_M``
-   rows (a runtime argument, like every size that depends on M: one compiled kernel serves all M) (compute tiles, or the row slabs of a weight gradient) and writes, per segment id, its
-   expert (``-1`` past the last segment), its first and one-past-last position in ``perm``, and
+   rows (compute tiles, or the row slabs of a weight gradient; ``SEG_M`` is a runtime argument,
+   like every size that depends on M: one compiled kernel serves all M) and writes, per segment
+   id, its expert (``-1`` past the last segment), its first and one-past-last position in ``perm``, and
    the per-expert segment offsets. Grids are sized by the bound ``cdiv(M, SEG_M) + N`` on the
    number of segments, so no count ever travels to the host.
 5. ``_segment_sum_kernel``: sums per-segment partials of one expert in segment order (a fixed

@@ -39,15 +39,16 @@ def test_eval_sr_folder_matches_skimage(tmp_path, capsys):
     expected = []
     for i in range(2):
         gt = _img(36, 44, i)
-        sr = np.clip(gt.astype(int) + np.random.default_rng(9 + i).integers(-20, 21, gt.shape), 0, 255).astype(np.uint8)
+        noise = np.random.default_rng(9 + i).integers(-20, 21, gt.shape)
+        sr = np.clip(gt.astype(int) + noise, 0, 255).astype(np.uint8)
         write_image(tmp_path / "gt" / f"im{i}.png", gt)
         write_image(tmp_path / "sr" / f"im{i}x4.png", sr)
         a, b = rgb_to_y(sr)[4:-4, 4:-4], rgb_to_y(gt)[4:-4, 4:-4]
         expected.append((peak_signal_noise_ratio(b, a, data_range=255),
                          structural_similarity(b, a, data_range=255, gaussian_weights=True, sigma=1.5,
                                                use_sample_covariance=False)))
-    assert main(["eval", "--sr", str(tmp_path / "sr"), "--gt", str(tmp_path / "gt"), "--out", str(tmp_path / "res"),
-                 "--psnr-only", "--no-bicubic"]) == 0
+    assert main(["eval", "--sr", str(tmp_path / "sr"), "--gt", str(tmp_path / "gt"),
+                 "--out", str(tmp_path / "res"), "--psnr-only", "--no-bicubic"]) == 0
     res = json.loads((tmp_path / "res" / "metrics.json").read_text())["sets"]["gt"]["sr"]
     for row, (p, s) in zip(res["images"], expected):
         assert row["psnr"] == pytest.approx(p, abs=1e-6)
@@ -57,8 +58,8 @@ def test_eval_sr_folder_matches_skimage(tmp_path, capsys):
     assert (tmp_path / "res" / "metrics_per_image.csv").read_text().startswith("set,method,image,psnr,ssim")
     capsys.readouterr()
     # Results are not overwritten silently.
-    assert main(["eval", "--sr", str(tmp_path / "sr"), "--gt", str(tmp_path / "gt"), "--out", str(tmp_path / "res"),
-                 "--psnr-only"]) == 2
+    assert main(["eval", "--sr", str(tmp_path / "sr"), "--gt", str(tmp_path / "gt"),
+                 "--out", str(tmp_path / "res"), "--psnr-only"]) == 2
     _one_error_line(capsys, "metrics.json: already exists")
 
 
@@ -78,7 +79,8 @@ def test_upscale_file_and_folder(tmp_path, tiny_ckpt, capsys):
     lr = _img(20, 24, 1)
     write_image(tmp_path / "in" / "x.png", lr)
     write_image(tmp_path / "in" / "y.png", _img(8, 8, 2))
-    assert main(["upscale", str(tmp_path / "in" / "x.png"), str(tmp_path / "x_sr.png"), "--model", str(path)]) == 0
+    assert main(["upscale", str(tmp_path / "in" / "x.png"), str(tmp_path / "x_sr.png"),
+                 "--model", str(path)]) == 0
     out = read_image(tmp_path / "x_sr.png")
     with torch.no_grad():
         ref = g(torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255)[0]
@@ -91,7 +93,8 @@ def test_upscale_file_and_folder(tmp_path, tiny_ckpt, capsys):
     assert (tmp_path / "outdir" / "y.png").exists()
     capsys.readouterr()
     before = (tmp_path / "x_sr.png").read_bytes()
-    assert main(["upscale", str(tmp_path / "in" / "y.png"), str(tmp_path / "x_sr.png"), "--model", str(path)]) == 2
+    assert main(["upscale", str(tmp_path / "in" / "y.png"), str(tmp_path / "x_sr.png"),
+                 "--model", str(path)]) == 2
     _one_error_line(capsys, "x_sr.png: already exists")
     assert (tmp_path / "x_sr.png").read_bytes() == before
 

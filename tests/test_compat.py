@@ -43,7 +43,8 @@ def test_classifier_is_shared():
     assert D.classifiers[2][0].weight.data_ptr() == D.classifier[0].weight.data_ptr()
     n_params = sum(p.numel() for p in D.parameters())
     c = 32
-    assert n_params == sum(p.numel() for p in D.FE.parameters()) + c * 4 + (c * c * 4 + c * 4) + c * 4 + (c * 4 + 4 + 4 + 1)
+    fe = sum(p.numel() for p in D.FE.parameters())
+    assert n_params == fe + c * 4 + (c * c * 4 + c * 4) + c * 4 + (c * 4 + 4 + 4 + 1)
 
 
 def test_forward_matches_hand_computation():

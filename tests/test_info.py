@@ -13,5 +13,6 @@ def test_info_lists_every_backend():
 
 
 def test_info_module_runs():
-    out = subprocess.run([sys.executable, "-m", "calgan_fast.info"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "calgan_fast.info"], capture_output=True, text=True,
+                         check=True)
     assert "backend" in out.stdout and "torch" in out.stdout

@@ -26,8 +26,9 @@ EXAMPLE_YAML = ROOT / "examples" / "basicsr_calgan.yml"
 MINIMAL_LOOP = ROOT / "examples" / "minimal_loop.py"
 
 # Skip only when BasicSR is not installed at all; if it is, the integration must import.
-needs_basicsr = pytest.mark.skipif(importlib.util.find_spec("basicsr") is None,
-                                   reason='needs BasicSR: pip install --no-build-isolation "calgan_fast[basicsr]"')
+needs_basicsr = pytest.mark.skipif(
+    importlib.util.find_spec("basicsr") is None,
+    reason='needs BasicSR: pip install --no-build-isolation "calgan_fast[basicsr]"')
 
 
 def _env() -> dict:
@@ -122,7 +123,8 @@ def test_options_from_yaml_section():
     from calgan_fast.integrations.basicsr import CALGANOptions
 
     opts = CALGANOptions.from_train_opt(_load_example()["train"])
-    assert opts.d_weights() == {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0}
+    assert opts.d_weights() == {"lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0,
+                                "lambda_z": 0.0}
     assert (opts.gen_weight, opts.balance_mode, opts.gan) == (0.005, "paper", "relativistic")
     assert CALGANOptions.from_train_opt({}) == CALGANOptions()
     with pytest.raises(ValueError, match="calgan_opt: unknown keys"):
@@ -135,6 +137,10 @@ def test_options_from_yaml_section():
         CALGANOptions.from_train_opt({"calgan_opt": {"ortho_weight": -1}})
     with pytest.raises(ValueError, match="calgan_opt:dist_weight"):
         CALGANOptions.from_train_opt({"calgan_opt": {"dist_weight": float("nan")}})
+    with pytest.raises(ValueError, match="calgan_opt:tau_end"):
+        CALGANOptions.from_train_opt({"calgan_opt": {"tau_end": -1.0}})
+    with pytest.raises(ValueError, match="calgan_opt:revive_every"):
+        CALGANOptions.from_train_opt({"calgan_opt": {"revive_every": 0.5}})
 
 
 @needs_basicsr
@@ -151,6 +157,30 @@ def test_options_map_to_the_trainers_settings():
     assert opts.gan_settings({"gan_opt": {"loss_weight": 0.1}}) == GANSettings(
         gan_type="vanilla", balance="switch", lambda_b=0.3, lambda_o=2.0, lambda_d=0.1, lambda_dis=1.5,
         lambda_g=0.1)
+    routing = CALGANOptions(balance_mode="mi", z_weight=0.01, tau_end=0.5, revive_every=100,
+                            revive_threshold=0.02, usage_decay=0.9).gan_settings()
+    assert routing == GANSettings(balance="mi", lambda_z=0.01, tau_end=0.5, revive_every=100,
+                                  revive_threshold=0.02, usage_decay=0.9)
+
+
+@needs_basicsr
+def test_calgan_model_applies_the_routing_options(tmp_path):
+    importlib.import_module("calgan_fast.integrations.basicsr")
+    from basicsr.models import build_model
+
+    opts = {"balance_mode": "usage", "z_weight": 0.01, "tau_end": 0.5, "revive_every": 2,
+            "revive_threshold": 0.5, "usage_decay": 0.0}
+    torch.manual_seed(0)
+    model = build_model(_model_opt(tmp_path, opts, net_d_init_iters=0, total_iter=3))
+    d = model.get_bare_model(model.net_d)
+    taus = []
+    for it in range(1, 4):
+        model.feed_data(_model_batch(it))
+        model.optimize_parameters(it)
+        taus.append(d.config.tau)
+        assert model.get_current_log()["l_d_z"] > 0
+    assert taus == pytest.approx([1.0, 0.75, 0.5])
+    assert model.gan.settings.balance == "usage" and model.gan.usage.shape == (d.num_experts,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +334,8 @@ def test_basicsr_example_yaml_trains_three_iterations(tmp_path):
     d1 = torch.load(exp / "models" / "net_d_latest.pth", map_location="cpu", weights_only=True)["params"]
     assert set(d1) == set(d0)
     assert _changed(g0, g1["params"]), "generator parameters did not change"
-    assert _changed(d0, d1, "proj") and _changed(d0, d1, "features."), "discriminator parameters did not change"
+    assert _changed(d0, d1, "proj") and _changed(d0, d1, "features."), \
+        "discriminator parameters did not change"
     assert all(torch.isfinite(v).all() for v in d1.values() if v.is_floating_point())
 
 

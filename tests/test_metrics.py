@@ -22,8 +22,10 @@ def test_psnr_ssim_y_match_skimage(border):
     img, ref = _pair()
     sl = slice(border, -border if border else None)
     a, b = rgb_to_y(img)[sl, sl], rgb_to_y(ref)[sl, sl]
-    assert psnr(img, ref, border, True) == pytest.approx(peak_signal_noise_ratio(b, a, data_range=255), abs=1e-9)
-    exp = structural_similarity(b, a, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    want = peak_signal_noise_ratio(b, a, data_range=255)
+    assert psnr(img, ref, border, True) == pytest.approx(want, abs=1e-9)
+    exp = structural_similarity(b, a, data_range=255, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False)
     assert ssim(img, ref, border, True) == pytest.approx(exp, abs=1e-7)
 
 

@@ -12,7 +12,6 @@ import calgan_fast
 from calgan_fast.data import PairedFolderDataset, write_image
 from calgan_fast.ops import resolve_backend
 from calgan_fast.train import train
-from calgan_fast.data import write_image
 from calgan_fast.train.evaluate import evaluate_folders, write_results
 from calgan_fast.train.inference import EMA
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +188,139 @@ def test_routing_benchmark_runs_and_reports(tmp_path):
         bench.main([*common, "--setting", "nope"])
     with pytest.raises(SystemExit, match="unknown option"):
         bench.main([*common, "--set", "lambda_q=1"])
+
+
+# --------------------------------------------------------------------------------------------
+# The routing options in training: read from the config, applied by the shared step
+
+
+def _train_cfg(d_opt: dict | None = None, **network_d):
+    from calgan_fast.train import load_config
+
+    return load_config("quickstart", overrides={
+        "datasets": {"train": {"dataroot_gt": "samples"}},
+        "network_d": network_d,
+        "train": {"total_iter": 5, "d_opt": d_opt or {}},
+    })
+
+
+def _settings(**d_opt):
+    from calgan_fast.train.step import GANSettings
+
+    return GANSettings.from_config(_train_cfg(d_opt)["train"])
+
+
+def test_routing_options_are_read_from_the_config_and_default_to_the_paper():
+    from calgan_fast.train import ConfigError, load_config
+    from calgan_fast.train.step import GANSettings
+
+    for preset in ("paper", "quickstart"):
+        cfg = load_config(preset, overrides={"datasets": {"train": {"dataroot_gt": "samples"}}})
+        s = GANSettings.from_config(cfg["train"])
+        assert (s.balance, s.lambda_z, s.tau_end, s.revive_every) == ("paper", 0.0, None, 0)
+    for mode in BALANCE_MODES:
+        assert _settings(balance=mode).balance == mode
+    s = _settings(lambda_z=0.01, tau_end=0.5, revive_every=50, revive_threshold=0.02, usage_decay=0.9)
+    assert (s.lambda_z, s.tau_end, s.revive_every, s.revive_threshold, s.usage_decay) == (
+        0.01, 0.5, 50, 0.02, 0.9)
+    assert _settings(tau_end="1e-1").tau_end == 0.1  # YAML's reading of 1e-1
+    bad = [({"balance": "avg"}, "train.d_opt.balance"), ({"lambda_z": -1.0}, "train.d_opt.lambda_z"),
+           ({"tau_end": 0}, "train.d_opt.tau_end"), ({"revive_every": -1}, "train.d_opt.revive_every"),
+           ({"revive_threshold": 1.0}, "train.d_opt.revive_threshold"),
+           ({"usage_decay": 1.0}, "train.d_opt.usage_decay")]
+    for d_opt, key in bad:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            _train_cfg(d_opt)
+
+
+def test_step_applies_the_balance_mode_and_the_z_loss():
+    from calgan_fast.train.step import GANStep
+
+    hr, sr = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    net = _net().train()
+    for mode in ("paper", "usage", "mi"):
+        torch.manual_seed(1)
+        d = GANStep(net, _settings(balance=mode)).discriminator_loss(hr, sr)
+        r = d["routing"]
+        torch.testing.assert_close(d["balance"], balancing_loss(r.probs, r.expert, mode))
+    torch.manual_seed(1)
+    plain = GANStep(net, _settings()).discriminator_loss(hr, sr)
+    torch.manual_seed(1)
+    with_z = GANStep(net, _settings(lambda_z=0.5)).discriminator_loss(hr, sr)
+    assert "z" not in plain and with_z["z"] > 0
+    torch.testing.assert_close(with_z["total"], plain["total"] + 0.5 * with_z["z"])
+
+
+def test_step_anneals_the_temperature_linearly_over_the_run():
+    from calgan_fast.train.step import GANStep
+
+    net = _net(tau=2.0)
+    step = GANStep(net, _settings(tau_end=0.5), total_iter=4)
+    taus = []
+    for i in range(1, 6):
+        step.start_iteration(i)
+        taus.append(net.config.tau)
+    assert taus == pytest.approx([2.0, 1.5, 1.0, 0.5, 0.5])
+    fixed = _net(tau=2.0)
+    GANStep(fixed, _settings(), total_iter=4).start_iteration(3)
+    assert fixed.config.tau == 2.0
+
+
+def test_step_revives_silent_experts_from_the_usage_average():
+    from calgan_fast.train.step import GANStep
+
+    net = _net(n=4).train()
+    with torch.no_grad():
+        net.router.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -50.0]))  # expert 3 gets no pixel
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    step = GANStep(net, _settings(revive_every=3, usage_decay=0.5), total_iter=10, seed=0)
+    hr, sr = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    revived = []
+    for i in range(1, 4):
+        d = step.discriminator_loss(hr, sr)
+        opt.zero_grad()
+        d["total"].backward()
+        opt.step()
+        revived.append(step.end_iteration(i, d, opt))
+    assert revived == [[], [], [3]]
+    assert step.usage[3] == 0.25  # counted as alive until its own usage says otherwise
+    assert net.router.bias[3] > -10  # the router row of a busy expert
+    with torch.no_grad():
+        share = routing_quality(net.eval()(hr, return_aux=True).routing.expert, 4)["usage"]
+    assert share[3] > 0
+    # Off: the average is not even kept.
+    off = GANStep(net, _settings(), total_iter=10)
+    assert off.end_iteration(3, d, opt) == []
+    assert torch.equal(off.usage, torch.full((4,), 0.25, dtype=torch.float64))
+    # Its state goes into checkpoints.
+    other = GANStep(net, _settings(revive_every=3), total_iter=10)
+    other.load_state_dict(step.state_dict())
+    assert torch.equal(other.usage, step.usage)
+
+
+def test_trainer_logs_the_options_and_resumes_them_exactly(tmp_path, capsys):
+    import warnings
+
+    from calgan_fast.train import train
+    from tests.test_train import _log, _photos, _tiny
+
+    torch.set_num_threads(1)
+    data = _photos(tmp_path / "data")
+    cfg = _tiny(data, pretrain_iter=1, total_iter=5, d_opt={"lambda_d": 0.1, "balance": "usage",
+                                                            "lambda_z": 0.01, "tau_end": 0.5,
+                                                            "revive_every": 2, "revive_threshold": 0.34,
+                                                            "usage_decay": 0.0})
+    cfg["logger"]["save_checkpoint_freq"] = 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg, tmp_path / "a", progress=False)
+        train(cfg, tmp_path / "b", stop_after=3, progress=False)
+        train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert "iteration 3: revived silent expert(s)" in capsys.readouterr().out
+    a = _log(tmp_path / "a")
+    assert a == _log(tmp_path / "b")  # the run stopped just after a revival
+    phase2 = [x for x in a if x["phase"] == 2]
+    assert [x["tau"] for x in phase2] == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5])
+    assert all(x["d_z"] > 0 for x in phase2)
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "iter_0000006.pth", weights_only=True)
+    assert ckpt["gan_step"]["usage"].shape == (3,)

@@ -68,7 +68,8 @@ def test_presets_load():
 def test_config_errors(tmp_path):
     cfg = tmp_path / "c.yml"
     cfg.write_text("train:\n  optim_g:\n    lr: 1e-3\n  totl_iter: 5\n")
-    with pytest.raises(ConfigError, match=r"c\.yml: unknown key train\.totl_iter \(did you mean train\.total_iter\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"c\.yml: unknown key train\.totl_iter \(did you mean train\.total_iter\?\)"):
         load_config("quickstart", cfg)
     cfg.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match=r"c\.yml: line \d+ invalid YAML"):
@@ -171,7 +172,8 @@ def test_ddp_two_processes_gloo_match_one_process(tmp_path):
     (tmp_path / "two.yml").write_text(yaml.safe_dump(two))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "calgan_fast.cli", "train", "--config", str(tmp_path / "two.yml"), "--out", str(tmp_path / "ddp")]
+           "-m", "calgan_fast.cli", "train", "--config", str(tmp_path / "two.yml"),
+           "--out", str(tmp_path / "ddp")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     torch.set_num_threads(1)

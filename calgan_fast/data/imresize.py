@@ -3,7 +3,8 @@
 MATLAB's ``imresize(img, 1/s, 'bicubic')`` uses Keys' cubic kernel with a = -0.5, widens the
 kernel by ``s`` when downscaling (antialiasing), mirrors the image at its borders, resizes one
 dimension at a time (the one shrunk most first) in double precision and, for uint8 images,
-rounds back to uint8 after *each* pass (this reproduces published LR sets bit for bit). Each 1-D pass is a small dense ``(out, in)`` weight matrix, so a resize is two matrix products.
+rounds back to uint8 after *each* pass (this reproduces published LR sets bit for bit). Each 1-D
+pass is a small dense ``(out, in)`` weight matrix, so a resize is two matrix products.
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ def build_metric(name: str, device: str | torch.device = "cpu"):
     # pyiqa prints what it loads: to stderr, so that stdout keeps the results alone.
     with _explain_downloads(name), contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         # pyiqa builds torchvision backbones with arguments torchvision has deprecated.
-        warnings.filterwarnings("ignore", message=r".*(parameter 'pretrained'|weight enum).*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*(parameter 'pretrained'|weight enum).*",
+                                category=UserWarning)
         return pyiqa.create_metric(IQA_METRICS[name][0], device=torch.device(device), as_loss=False)
 
 

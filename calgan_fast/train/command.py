@@ -38,8 +38,8 @@ def train_command(args) -> int:
         if out is None:
             raise ValueError("--resume needs --out (the run folder to continue)")
         if args.preset:
-            raise ConfigError("--preset cannot be given with --resume: the run's saved config.yml is the base; "
-                              "give changes with --config (a partial file) or --set KEY=VALUE")
+            raise ConfigError("--preset cannot be given with --resume: the run's saved config.yml is the "
+                              "base; give changes with --config (a partial file) or --set KEY=VALUE")
         cfg, changes = config_for_resume(out, args.config, sets)
         ckpts = list_checkpoints(out / "checkpoints")
         done = ckpts[-1][0] if ckpts else 0
@@ -47,8 +47,8 @@ def train_command(args) -> int:
         total = tr["pretrain_iter"] + tr["total_iter"]
         for key, was, now in changes:
             if key == "train.pretrain_iter" and done > min(was, now):
-                raise ConfigError(f"train.pretrain_iter: cannot change from {was} to {now} at iteration {done} "
-                                  "(the run is past phase 1); change train.total_iter instead")
+                raise ConfigError(f"train.pretrain_iter: cannot change from {was} to {now} at iteration "
+                                  f"{done} (the run is past phase 1); change train.total_iter instead")
         if ckpts and done >= total:
             if done > total:
                 raise ConfigError(f"{out}: the run is at iteration {done}, beyond train.pretrain_iter + "

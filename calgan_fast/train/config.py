@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from ..losses import BALANCE_MODES
+from .step import GANSettings, SettingError
+
 __all__ = ["ConfigError", "DEFAULTS", "PRESETS", "load_config", "merge", "validate", "with_process_batch"]
 
 
@@ -92,7 +95,18 @@ DEFAULTS: dict[str, Any] = {
             "weights_path": None,  # None: torchvision's file in the torch hub cache
         },
         "gan_opt": {"gan_type": "relativistic", "loss_weight": 0.005},
-        "d_opt": {"balance": "paper", "lambda_b": 0.05, "lambda_o": 10.0, "lambda_d": 10.0, "lambda_dis": 1.0},
+        "d_opt": {
+            "balance": "paper",  # a balancing loss of calgan_fast.losses.BALANCE_MODES ("paper": Eq. 4)
+            "lambda_b": 0.05,
+            "lambda_o": 10.0,
+            "lambda_d": 10.0,
+            "lambda_dis": 1.0,
+            "lambda_z": 0.0,  # router z-loss (not in the paper)
+            "tau_end": None,  # Gumbel temperature at the last iteration, from network_d.tau; null: constant
+            "revive_every": 0,  # iterations between revivals of silent experts; 0: never
+            "revive_threshold": None,  # share of a silent expert; null: 1 / (4 N)
+            "usage_decay": 0.99,  # moving average of the experts' usage that revival reads
+        },
     },
     "logger": {
         "print_freq": 100,
@@ -241,7 +255,7 @@ _CHOICES = {
     ("train", "amp"): (None, "bf16", "fp16"),
     ("train", "perceptual_opt", "enabled"): ("auto", True, False),
     ("train", "gan_opt", "gan_type"): ("relativistic", "vanilla"),
-    ("train", "d_opt", "balance"): ("paper", "switch"),
+    ("train", "d_opt", "balance"): BALANCE_MODES,
     ("train", "optim_g", "type"): ("Adam", "AdamW"),
     ("train", "optim_d", "type"): ("Adam", "AdamW"),
     ("train", "optim_pretrain", "type"): ("Adam", "AdamW"),
@@ -281,7 +295,8 @@ def validate(cfg: Mapping, where: str = "config") -> None:
     # The multiple the discriminator needs: its patch size p, 8 for the U-Net's three halvings.
     mult = {"CALGANDiscriminator": nd["patch_size"], "UNetDiscriminatorSN": 8}.get(nd["type"], 4)
     if not isinstance(tr["gt_size"], int) or tr["gt_size"] % mult or tr["gt_size"] % cfg["scale"]:
-        what = "network_d.patch_size" if nd["type"] == "CALGANDiscriminator" else f"network_d.type {nd['type']}"
+        what = ("network_d.patch_size" if nd["type"] == "CALGANDiscriminator"
+                else f"network_d.type {nd['type']}")
         raise ConfigError(f"{where}: datasets.train.gt_size = {tr['gt_size']!r} must be a multiple of {mult} "
                           f"({what}) and of scale {cfg['scale']}")
     if nd["type"] == "VGGStyleDiscriminator" and tr["gt_size"] not in (128, 256):
@@ -308,6 +323,10 @@ def validate(cfg: Mapping, where: str = "config") -> None:
         raise ConfigError(f"{where}: val.val_freq = {cfg['val']['val_freq']!r}; expected an integer >= 1")
     if tr["type"] == "PairedFolderDataset" and not tr["dataroot_lq"]:
         raise ConfigError(f"{where}: datasets.train.dataroot_lq is needed by PairedFolderDataset")
+    try:
+        GANSettings.from_config(cfg["train"])
+    except SettingError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def with_process_batch(cfg: Mapping, world: int) -> dict:

@@ -43,8 +43,9 @@ from ..metrics.iqa import (
 )
 from .inference import upscale_tiled
 
-__all__ = ["json_safe", "EvalSet", "Method", "MetricSuite", "bicubic_lr", "bicubic_method", "evaluate", "evaluate_folders",
-           "folder_method", "markdown_table", "model_method", "resolve_sets", "write_results"]
+__all__ = ["json_safe", "EvalSet", "Method", "MetricSuite", "bicubic_lr", "bicubic_method", "evaluate",
+           "evaluate_folders", "folder_method", "markdown_table", "model_method", "resolve_sets",
+           "write_results"]
 
 _TITLES = {"psnr": "PSNR↑", "ssim": "SSIM↑", "lpips": "LPIPS↓", "lpips-vgg": "LPIPS-VGG↓", "dists": "DISTS↓",
            "brisque": "BRISQUE↓", "niqe": "NIQE↓", "fid": "FID↓"}
@@ -124,7 +125,8 @@ def _images_by_stem(folder, what: str) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for p in list_images(folder, what):
         if p.stem in files:
-            raise ImageError(f"{folder}: {files[p.stem].name} and {p.name} share the name {p.stem!r}; keep one")
+            raise ImageError(f"{folder}: {files[p.stem].name} and {p.name} share the name {p.stem!r}; "
+                             "keep one")
         files[p.stem] = p
     return files
 
@@ -250,9 +252,10 @@ def evaluate(sets: Sequence[EvalSet], methods: Sequence[Method], suite: MetricSu
         raise ValueError(f"scale: must be an integer >= 1, got {scale!r}")
     if not methods:
         raise ValueError("nothing to evaluate: no method")
-    out: dict = {"protocol": {"scale": scale, "crop_border": suite.crop_border, "y_channel": suite.test_y_channel,
-                              "metrics": suite.names, "lr": "MATLAB bicubic of the HR image cropped to a "
-                              "multiple of the scale, unless an LR folder is given",
+    out: dict = {"protocol": {"scale": scale, "crop_border": suite.crop_border,
+                              "y_channel": suite.test_y_channel, "metrics": suite.names,
+                              "lr": "MATLAB bicubic of the HR image cropped to a multiple of the scale, "
+                              "unless an LR folder is given",
                               "fid": "whole images, SR vs HR cropped to the SR size, clean-fid 299x299"},
                  "methods": [m.label for m in methods], "sets": {}}
     for s in sets:
@@ -282,7 +285,8 @@ def evaluate(sets: Sequence[EvalSet], methods: Sequence[Method], suite: MetricSu
                 keys = [k for k in rows[0] if k != "name"]
                 mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
                 if suite.wants_fid:
-                    mean["fid"] = (fid_folders(suite.iqa["fid"], tmp / f"sr{mi}", tmp / f"gt{mi}", suite.device)
+                    mean["fid"] = (fid_folders(suite.iqa["fid"], tmp / f"sr{mi}", tmp / f"gt{mi}",
+                                               suite.device)
                                    if len(rows) >= 2 else float("nan"))
                 per[m.label]["mean"] = mean
         out["sets"][s.name] = per
@@ -316,8 +320,8 @@ def markdown_table(res: dict) -> str:
             cells = [f"**{_fmt(v)}**" if v == best else _fmt(v) for v in vals]
             lines.append(f"| {sname if i == 0 else ''} | {_TITLES.get(k, k)} | " + " | ".join(cells) + " |")
     p = res["protocol"]
-    note = (f"\n\nPSNR/SSIM on the {'Y channel' if p['y_channel'] else 'RGB'}, {p['crop_border']}-pixel border "
-            f"removed; x{p['scale']}.")
+    note = (f"\n\nPSNR/SSIM on the {'Y channel' if p['y_channel'] else 'RGB'}, "
+            f"{p['crop_border']}-pixel border removed; x{p['scale']}.")
     if "fid" in p["metrics"]:
         note += f" FID: {p['fid']}."
 
@@ -336,8 +340,10 @@ def _csvs(res: dict) -> tuple[str, str]:
     for sname, per in res["sets"].items():
         for m, r in per.items():
             for row in r["images"]:
-                wi.writerow([sname, m, row["name"], *(f"{row[k]:.6f}" if k in row else "" for k in keys if k != "fid")])
-            ws.writerow([sname, m, len(r["images"]), *(f"{r['mean'][k]:.6f}" if k in r["mean"] else "" for k in keys)])
+                wi.writerow([sname, m, row["name"],
+                             *(f"{row[k]:.6f}" if k in row else "" for k in keys if k != "fid")])
+            ws.writerow([sname, m, len(r["images"]),
+                         *(f"{r['mean'][k]:.6f}" if k in r["mean"] else "" for k in keys)])
     return per_image.getvalue(), per_set.getvalue()
 
 

@@ -1,12 +1,13 @@
 """Where a training run's numbers go: ``train_log.jsonl``, TensorBoard scalars and the console.
 
-Keys of ``train_log.jsonl``:
-``l_pix``, ``l_per``, ``l_gen``, ``l_g_total`` (generator); ``d_adv``, ``d_balance``, ``d_ortho``,
-``d_dist``, ``d_total`` (discriminator); ``acc_d_real``, ``acc_d_fake`` (D's accuracy on
-real and fake pixels, the keys :func:`calgan_fast.losses.discriminator_loss` and the BasicSR
-integration use too); ``expert_usage`` (share of the real pixels per expert, by argmax of the
+Keys of ``train_log.jsonl``: ``l_pix``, ``l_per``, ``l_gen``, ``l_g_total`` (generator);
+``d_adv``, ``d_balance``, ``d_ortho``, ``d_dist``, ``d_z`` (with ``train.d_opt.lambda_z``),
+``d_total`` (discriminator); ``acc_d_real``, ``acc_d_fake`` (D's accuracy on real and fake
+pixels, the keys :func:`calgan_fast.losses.discriminator_loss` and the BasicSR integration use
+too); ``expert_usage`` (share of the real pixels per expert, by argmax of the
 routing probabilities), ``expert_usage_sampled`` (by the Gumbel-sampled experts the losses use),
-``routing_entropy``, ``routing_pixel_entropy``; ``lr_g``, ``lr_d``, ``it_per_s``.
+``routing_entropy``, ``routing_pixel_entropy``, ``tau`` (the Gumbel temperature, with
+``train.d_opt.tau_end``); ``lr_g``, ``lr_d``, ``it_per_s``.
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ class RunLog:
                     self.tb.add_scalar(f"routing/expert_{i:02d}_usage", x, it)
             elif k.startswith("routing"):
                 self.tb.add_scalar(f"routing/{k[8:]}", float(v), it)
+            elif k == "tau":
+                self.tb.add_scalar("routing/tau", float(v), it)
             elif k in ACC_KEYS:
                 self.tb.add_scalar(f"accuracy/{k}", float(v), it)
             else:

@@ -38,7 +38,8 @@ def _gap(h: int, w: int) -> np.ndarray:
     return np.full((h, w, 3), 255, np.uint8)
 
 
-def crops(items: Sequence[dict], per_image: int, size: int, scale: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def crops(items: Sequence[dict], per_image: int, size: int,
+          scale: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``per_image`` ``(lq, gt)`` crops of HR side ``size`` from each item, spread along the diagonal.
 
     ``size`` is rounded down to a multiple of ``4 * scale`` (the discriminator needs multiples of 4).

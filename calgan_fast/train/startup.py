@@ -38,7 +38,8 @@ def check_files(cfg: Mapping, origin: Mapping[str, str] | None = None) -> None:
         spec = cfg["datasets"][split]
         for key, what in (("dataroot_gt", "a folder of HR images"), ("dataroot_lq", "a folder of LR images")):
             value = spec.get(key)
-            if not value or value == "samples" or (key == "dataroot_lq" and spec["type"] != "PairedFolderDataset"):
+            unused = key == "dataroot_lq" and spec["type"] != "PairedFolderDataset"
+            if not value or value == "samples" or unused:
                 continue
             if not Path(value).expanduser().is_dir():
                 dotted = f"datasets.{split}.{key}"
@@ -141,7 +142,8 @@ def memory_warning(cfg: Mapping, device: torch.device | str) -> str | None:
     hint = ("lower datasets.train.batch_size_per_gpu or datasets.train.gt_size (e.g. --set "
             "datasets.train.batch_size_per_gpu=4)")
     if dev.type == "cpu" and need > 8 * 2**30:
-        return f"training on the CPU needs {what}; this is a GPU setting and will be very slow here. To try it, {hint}"
+        return (f"training on the CPU needs {what}; this is a GPU setting and will be very slow here. "
+                f"To try it, {hint}")
     if dev.type == "cuda":
         try:
             free, total = torch.cuda.mem_get_info(dev)

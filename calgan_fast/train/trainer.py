@@ -80,11 +80,13 @@ class RunFolderError(RuntimeError):
 
 def _make_optim(spec: dict, params) -> torch.optim.Optimizer:
     cls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[spec["type"]]
-    return cls(params, lr=float(spec["lr"]), betas=tuple(spec["betas"]), weight_decay=float(spec["weight_decay"]))
+    return cls(params, lr=float(spec["lr"]), betas=tuple(spec["betas"]),
+               weight_decay=float(spec["weight_decay"]))
 
 
 def _make_sched(spec: dict, opt) -> torch.optim.lr_scheduler.MultiStepLR:
-    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(spec["milestones"]), gamma=float(spec["gamma"]))
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(spec["milestones"]),
+                                                gamma=float(spec["gamma"]))
 
 
 def _resolve_root(root: str | None, split: str, cache_dir: Path) -> str | None:
@@ -209,7 +211,8 @@ class Trainer:
             self.notes.append(f"generator: weights loaded from {cfg['path']['pretrain_network_g']} "
                               "(path.pretrain_network_g)")
         try:
-            self.net_d = build_discriminator(cfg["network_d"], cfg["datasets"]["train"]["gt_size"]).to(self.device)
+            net_d = build_discriminator(cfg["network_d"], cfg["datasets"]["train"]["gt_size"])
+            self.net_d = net_d.to(self.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if tr["sync_bn"] and self.distributed and self.device.type == "cpu":
@@ -243,7 +246,7 @@ class Trainer:
             # N = 1 is the standard GAN configuration: one classifier, no routing losses.
             settings = settings.without_routing_losses()
         # Plain-GAN baselines (VGG-style, U-Net) train with the standard GAN losses only.
-        self.gan = GANStep(self.net_d, settings)
+        self.gan = GANStep(self.net_d, settings, tr["total_iter"], cfg["manual_seed"])
         self.d_routed = self.gan.routed
         self.chance = ChanceWatch(chance_window(cfg), cfg["logger"]["chance_margin"])
 
@@ -253,8 +256,10 @@ class Trainer:
             return None
         try:
             # enabled: true fetches torchvision's file into the torch hub cache when it is missing.
-            loss = PerceptualLoss(po["weights_path"] or "imagenet", download=po["enabled"] is True).to(self.device)
-            self.notes.append(f"perceptual loss: VGG19 weights from {po['weights_path'] or default_vgg19_path()}")
+            loss = PerceptualLoss(po["weights_path"] or "imagenet", download=po["enabled"] is True)
+            loss = loss.to(self.device)
+            self.notes.append("perceptual loss: VGG19 weights from "
+                              f"{po['weights_path'] or default_vgg19_path()}")
             return loss
         except FileNotFoundError as exc:
             if po["enabled"] is True:
@@ -288,6 +293,7 @@ class Trainer:
             "scaler_g": self.scaler_g.state_dict(),
             "scaler_d": self.scaler_d.state_dict(),
             "acc_window": list(self.chance.window),
+            "gan_step": self.gan.state_dict(),
             "rng": rng_state(),
         }
 
@@ -317,6 +323,8 @@ class Trainer:
         self.scaler_g.load_state_dict(st["scaler_g"])
         self.scaler_d.load_state_dict(st["scaler_d"])
         self.chance.window.extend(st["acc_window"])
+        if "gan_step" in st:
+            self.gan.load_state_dict(st["gan_step"])
         set_rng_state(st["rng"])
         self.it = st["iter"]
         self.notes.append(f"resumed: full training state from {path} (iteration {self.it})")
@@ -354,6 +362,8 @@ class Trainer:
     def _step_gan(self, lq, gt) -> dict:
         tr = self.cfg["train"]
         gan = self.gan
+        i = self.it - tr["pretrain_iter"]  # adversarial iteration, from 1
+        gan.start_iteration(i)
         logs = {}
         # Generator: λ_r L1 + λ_p L_per + λ_g L_gen (D frozen, HR routing reused).
         self.opt_g.zero_grad(set_to_none=True)
@@ -384,11 +394,17 @@ class Trainer:
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
         self.sched_d.step()
-        for k in ("balance", "ortho", "dist", "adv", "total"):
+        for k in ("balance", "ortho", "dist", "z", "adv", "total"):
             if k in d:
                 logs[f"d_{k}"] = d[k].detach()
         logs["acc_d_real"], logs["acc_d_fake"] = d["acc_d_real"].detach(), d["acc_d_fake"].detach()
         logs.update(gan.routing_usage(d))
+        revived = gan.end_iteration(i, d, self.opt_d, shares=logs.get("usage_sampled"))
+        if revived:
+            self.log.say(f"iteration {self.it}: revived silent expert(s) {revived} "
+                         "(train.d_opt.revive_every)")
+        if gan.settings.tau_end is not None and self.d_routed:
+            logs["tau"] = torch.tensor(gan.tau_at(i))
         return logs
 
     # ---------------------------------------------------------------- outputs
@@ -501,7 +517,8 @@ class Trainer:
         bs = dcfg["batch_size_per_gpu"]
         if self.opt_g is None:
             self._phase_optimizer(1 if pre > 0 else 2)
-        sampler = TrainSampler(len(self.train_set), cfg["manual_seed"], self.rank, self.world, start=self.it * bs)
+        sampler = TrainSampler(len(self.train_set), cfg["manual_seed"], self.rank, self.world,
+                               start=self.it * bs)
         loader = DataLoader(self.train_set, batch_size=bs, sampler=sampler,
                             num_workers=dcfg["num_worker_per_gpu"], pin_memory=self.device.type == "cuda",
                             persistent_workers=False,
@@ -519,8 +536,8 @@ class Trainer:
             phases.append(f"phase 2 (CAL-GAN): iterations {pre + 1}-{self.total}")
         self.log.say("; ".join(phases))
         if dcfg["cache"] and self.it < end_of_first_pass(len(self.train_set), bs):
-            self.log.say(f"datasets.train.cache: the first pass decodes the {len(self.train_set)} training images "
-                      "and keeps them in memory; iterations speed up once it is done")
+            self.log.say(f"datasets.train.cache: the first pass decodes the {len(self.train_set)} training "
+                         "images and keeps them in memory; iterations speed up once it is done")
         last: dict = {}
         t0, n0 = time.perf_counter(), self.it
         data = iter(loader)

@@ -23,7 +23,6 @@ user's installed packages stay untouched.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections import OrderedDict
@@ -31,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 from ...nn.discriminator import CALGANDiscriminator
-from ...train.step import GANSettings, GANStep
+from ...train.step import GANSettings, GANStep, SettingError
 from .._torchvision_compat import install_functional_tensor_alias
 
 install_functional_tensor_alias()
@@ -46,13 +45,12 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "(BasicSR builds from source and its setup imports torch, hence --no-build-isolation)"
     ) from err
 
-__all__ = ["ARCH_NAME", "MODEL_NAME", "CALGANFastDiscriminator", "CALGANModel", "CALGANOptions", "main"]
+__all__ = ["ARCH_NAME", "MODEL_NAME", "SETTING_NAMES", "CALGANFastDiscriminator", "CALGANModel",
+           "CALGANOptions", "main"]
 
 ARCH_NAME = "CALGANFastDiscriminator"
 MODEL_NAME = "CALGANModel"
 
-_GANS = ("relativistic", "vanilla")
-_BALANCE_MODES = ("paper", "switch")
 #: λ_g of the paper (Eq. 1), used when neither ``calgan_opt.gen_weight`` nor ``gan_opt`` gives one.
 DEFAULT_GEN_WEIGHT = 0.005
 
@@ -71,9 +69,28 @@ class CALGANFastDiscriminator(CALGANDiscriminator):
                  share_classifier: bool = False, backend: str = "auto", *, num_in_ch: int | None = None):
         if num_in_ch is not None:
             if in_channels not in (3, num_in_ch):
-                raise ValueError(f"num_in_ch: {num_in_ch} contradicts in_channels={in_channels}; give one of them")
+                raise ValueError(f"num_in_ch: {num_in_ch} contradicts in_channels={in_channels}; "
+                                 "give one of them")
             in_channels = num_in_ch
         super().__init__(in_channels, num_feat, num_experts, hidden, routing, tau, share_classifier, backend)
+
+
+#: The name of each ``calgan_opt`` key in :class:`calgan_fast.train.step.GANSettings` (the
+#: trainer's ``train.d_opt`` / ``train.gan_opt`` keys).
+SETTING_NAMES = {
+    "balance_weight": "lambda_b",
+    "ortho_weight": "lambda_o",
+    "dist_weight": "lambda_d",
+    "adv_weight": "lambda_dis",
+    "z_weight": "lambda_z",
+    "gen_weight": "lambda_g",
+    "balance_mode": "balance",
+    "gan": "gan_type",
+    "tau_end": "tau_end",
+    "revive_every": "revive_every",
+    "revive_threshold": "revive_threshold",
+    "usage_decay": "usage_decay",
+}
 
 
 @dataclass(frozen=True)
@@ -83,31 +100,36 @@ class CALGANOptions:
     Attributes:
         balance_weight, ortho_weight, dist_weight, adv_weight: λ_b, λ_o, λ_d, λ_dis of
             ``L_D`` (defaults: the paper's 0.05, 10, 10, 1).
+        z_weight: λ_z, the weight of the router z-loss (default 0: off, as in the paper).
         gen_weight: λ_g of the generator's adversarial loss. ``None`` takes ``gan_opt.loss_weight``
             when the YAML has a ``gan_opt`` block, else the paper's 0.005.
-        balance_mode: ``"paper"`` (Eq. 4) or ``"switch"`` (the authors' code).
+        balance_mode: ``"paper"`` (Eq. 4), ``"switch"`` (the authors' code), ``"usage"``,
+            ``"entropy"`` or ``"mi"`` (:func:`calgan_fast.losses.balancing_loss`).
         gan: ``"relativistic"`` (the paper's) or ``"vanilla"``; used by both D and G.
+        tau_end, revive_every, revive_threshold, usage_decay: the routing options of
+            :class:`calgan_fast.train.step.GANSettings` (the temperature moves linearly from
+            ``network_d``'s ``tau`` to ``tau_end`` over ``train.total_iter`` iterations).
     """
 
     balance_weight: float = 0.05
     ortho_weight: float = 10.0
     dist_weight: float = 10.0
     adv_weight: float = 1.0
+    z_weight: float = 0.0
     gen_weight: float | None = None
     balance_mode: str = "paper"
     gan: str = "relativistic"
+    tau_end: float | None = None
+    revive_every: int = 0
+    revive_threshold: float | None = None
+    usage_decay: float = 0.99
 
     def __post_init__(self):
-        for name in ("balance_weight", "ortho_weight", "dist_weight", "adv_weight", "gen_weight"):
-            value = getattr(self, name)
-            if value is None and name == "gen_weight":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"train:calgan_opt:{name}: expected a finite number >= 0, got {value!r}")
-        if self.balance_mode not in _BALANCE_MODES:
-            raise ValueError(f"train:calgan_opt:balance_mode: expected one of {_BALANCE_MODES}, got {self.balance_mode!r}")
-        if self.gan not in _GANS:
-            raise ValueError(f"train:calgan_opt:gan: expected one of {_GANS}, got {self.gan!r}")
+        try:
+            self.gan_settings()
+        except SettingError as exc:
+            option = {v: k for k, v in SETTING_NAMES.items()}[exc.field]
+            raise ValueError(f"train:calgan_opt:{option}: {exc.reason}") from None
 
     @classmethod
     def from_train_opt(cls, train_opt: Mapping) -> CALGANOptions:
@@ -118,22 +140,22 @@ class CALGANOptions:
         known = {f.name for f in fields(cls)}
         unknown = set(block) - known
         if unknown:
-            raise ValueError(f"train:calgan_opt: unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise ValueError(f"train:calgan_opt: unknown keys {sorted(unknown)}; "
+                             f"expected a subset of {sorted(known)}")
         return cls(**dict(block))
 
     def gan_settings(self, train_opt: Mapping | None = None) -> GANSettings:
-        """These options under the trainer's names (:class:`calgan_fast.train.step.GANSettings`).
+        """These options under the trainer's names (:class:`calgan_fast.train.step.GANSettings`,
+        :data:`SETTING_NAMES`).
 
         ``gen_weight=None`` takes ``train_opt["gan_opt"]["loss_weight"]`` when ``train_opt`` has
         a ``gan_opt`` block, else the paper's 0.005.
         """
-        gen_weight = self.gen_weight
-        if gen_weight is None:
+        values = {SETTING_NAMES[f.name]: getattr(self, f.name) for f in fields(self)}
+        if self.gen_weight is None:
             gan_opt = (train_opt or {}).get("gan_opt")
-            gen_weight = float(gan_opt.get("loss_weight", 1.0)) if gan_opt else DEFAULT_GEN_WEIGHT
-        return GANSettings(gan_type=self.gan, balance=self.balance_mode, lambda_b=self.balance_weight,
-                           lambda_o=self.ortho_weight, lambda_d=self.dist_weight, lambda_dis=self.adv_weight,
-                           lambda_g=float(gen_weight))
+            values["lambda_g"] = float(gan_opt.get("loss_weight", 1.0)) if gan_opt else DEFAULT_GEN_WEIGHT
+        return GANSettings(**values)
 
     def d_weights(self) -> dict[str, float]:
         """The weights in the form :func:`calgan_fast.losses.discriminator_loss` takes."""
@@ -156,7 +178,8 @@ class CALGANModel(SRGANModel):
     CALGANFastDiscriminator``). ``gan_opt``, if present, only supplies the default ``gen_weight``:
     the form of the adversarial loss is ``calgan_opt.gan``. Logged values: ``l_g_pix``,
     ``l_g_percep``, ``l_g_style``, ``l_g_gan``, ``l_d_total``, ``l_d_adv``, ``l_d_balance``,
-    ``l_d_ortho``, ``l_d_dist``, ``acc_d_real``, ``acc_d_fake``, ``d_experts_used``.
+    ``l_d_ortho``, ``l_d_dist``, ``l_d_z`` (with ``z_weight``), ``acc_d_real``, ``acc_d_fake``,
+    ``d_experts_used``.
     """
 
     def init_training_settings(self):
@@ -167,13 +190,15 @@ class CALGANModel(SRGANModel):
                             f"got {type(bare).__name__}")
         train_opt = self.opt["train"]
         self.calgan_opt = CALGANOptions.from_train_opt(train_opt)
-        self.gan = GANStep(self.net_d, self.calgan_opt.gan_settings(train_opt))
+        self.gan = GANStep(self.net_d, self.calgan_opt.gan_settings(train_opt),
+                           total_iter=train_opt.get("total_iter", 0), seed=self.opt.get("manual_seed") or 0)
         self.gen_weight = self.gan.settings.lambda_g
         get_root_logger().info(f"CAL-GAN options: {asdict(self.calgan_opt)}; generator adversarial "
                                f"weight {self.gen_weight:g}")
 
     def optimize_parameters(self, current_iter):
         gan = self.gan
+        gan.start_iteration(current_iter)
         loss_dict = OrderedDict()
 
         # Generator: D's parameters get no gradient (the loss also freezes them, this saves the work).
@@ -208,9 +233,14 @@ class CALGANModel(SRGANModel):
         d = gan.discriminator_loss(self.gt, self.output)
         d["total"].backward()
         self.optimizer_d.step()
+        revived = gan.end_iteration(current_iter, d, self.optimizer_d)
+        if revived:
+            get_root_logger().info(f"iteration {current_iter}: revived silent expert(s) {revived} "
+                                   "(calgan_opt.revive_every)")
         loss_dict["l_d_total"] = d["total"].detach()
-        for key in ("adv", "balance", "ortho", "dist"):
-            loss_dict[f"l_d_{key}"] = d[key].detach()
+        for key in ("adv", "balance", "ortho", "dist", "z"):
+            if key in d:
+                loss_dict[f"l_d_{key}"] = d[key].detach()
         loss_dict["acc_d_real"] = d["acc_d_real"]
         loss_dict["acc_d_fake"] = d["acc_d_fake"]
         loss_dict["d_experts_used"] = (d["stats"].count > 0).sum().float()
@@ -224,7 +254,8 @@ def _register(registry, name: str, obj) -> None:
     """Register ``obj`` as ``name``; a reload of this module re-registers, a foreign object is an error."""
     if name in registry:
         old = registry.get(name)
-        if (getattr(old, "__module__", None), getattr(old, "__qualname__", None)) != (obj.__module__, obj.__qualname__):
+        old_name = (getattr(old, "__module__", None), getattr(old, "__qualname__", None))
+        if old_name != (obj.__module__, obj.__qualname__):
             raise RuntimeError(f"BasicSR's {registry._name} registry already holds a different {name!r} "
                                f"({old.__module__}.{old.__qualname__})")
         registry._obj_map[name] = obj
