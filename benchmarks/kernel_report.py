@@ -523,8 +523,8 @@ def cuda_report(archs, m: int = 800_000, cs=(256, 512), ns=(12, 16)) -> tuple[st
             continue
         for r in sorted(parse_ptxas(proc.stderr), key=lambda r: (r["kernel"], r["dtype"])):
             lines.append(
-                f"| sm_{arch} | {r['kernel']} | {r['dtype'] or '-'} | {r['regs']} | {r['spill']} | {r['stack']} "
-                f"| {r['smem']} |"
+                f"| sm_{arch} | {r['kernel']} | {r['dtype'] or '-'} | {r['regs']} | {r['spill']} "
+                f"| {r['stack']} | {r['smem']} |"
             )
             if r["spill"]:
                 spills.append(f"sm_{arch} {r['kernel']} {r['dtype']}: {r['spill']} B (CUDA)")
