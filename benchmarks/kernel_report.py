@@ -9,12 +9,15 @@ through global memory and its FLOPs, giving a roofline lower bound on an H100 (3
 990 TFLOP/s dense bf16/fp16, 67 TFLOP/s fp32 on FMA units) next to that of one bf16 matmul of
 the same shape, ``(M, c) @ (c, c)``.
 
-``--cuda`` adds the ptxas report of the CUDA kernels (``csrc/cuda``), compiled with nvcc.
+``--cuda`` adds the ptxas report of the CUDA kernels (``csrc/cuda``), compiled with nvcc, per kernel
+and dtype, and the launches of one forward and one backward call of the ``cuda`` backend;
+``--cuda-only`` gives that part alone (no Triton needed).
 
     python -m benchmarks.kernel_report                      # every config, both architectures
     python -m benchmarks.kernel_report --arch 90 --dtype bf16 --c 256 --fail-on-spill
 
-Exit status 1 with ``--fail-on-spill`` when any listed kernel spills. Needs triton; no GPU.
+Exit status 1 with ``--fail-on-spill`` when any listed kernel spills. Needs triton (but for
+``--cuda-only``); no GPU.
 """
 
 from __future__ import annotations
@@ -286,11 +289,138 @@ def compile_launch(ln: Launch, dtype: str, arch: int) -> dict:
     return _COMPILED[key]
 
 
-def cuda_report(archs) -> str:
-    """ptxas -v of csrc/cuda/routed_head_cuda.cu per architecture (needs nvcc and torch's headers)."""
+_DTYPE_NAMES = {"c10::Half": "fp16", "c10::BFloat16": "bf16", "float": "fp32"}
+
+
+def _demangle(names: list[str]) -> list[str]:
+    """Itanium-demangled names (cu++filt or c++filt); the mangled names where neither is found."""
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if tool is None or not names:
+        return list(names)
+    proc = subprocess.run([tool], input="\n".join(names) + "\n", capture_output=True, text=True)
+    out = proc.stdout.splitlines()
+    return out if proc.returncode == 0 and len(out) == len(names) else list(names)
+
+
+def _mangled_label(name: str) -> tuple[str, str]:
+    """(kernel, dtype) from a mangled name: the last component of its nested name and the scalar
+    type of its template arguments."""
+    s = name[2:] if name.startswith("_Z") else name
+    if s.startswith("N"):
+        s = s[1:]
+    parts = []
+    while s and s[0].isdigit():
+        n = int(re.match(r"\d+", s).group(0))
+        s = s[len(str(n)):]
+        parts.append(s[:n])
+        s = s[n:]
+    kernel = next((p for p in reversed(parts) if not p.startswith("_GLOBAL__N")), name)
+    dtype = ""
+    if s.startswith("I"):
+        dtype = "bf16" if s.startswith("IN3c108BFloat16") else "fp16" if s.startswith("IN3c104Half") else (
+            "fp32" if s.startswith("If") else "")
+    return kernel, dtype
+
+
+def kernel_label(mangled: str, demangled: str) -> tuple[str, str]:
+    """(kernel, dtype) of one ptxas entry: from the demangled name when there is one, e.g.
+    ``void calgan_fast::dev::_bwd_dy_kernel<c10::Half>(c10::Half const*, ...)`` gives
+    ``("_bwd_dy_kernel", "fp16")``; otherwise from the mangled name itself."""
+    if demangled == mangled:
+        return _mangled_label(mangled)
+    depth, cut = 0, len(demangled)
+    for k, ch in enumerate(demangled):  # the first "(" outside template brackets ends the name
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            cut = k
+            break
+    head = demangled[:cut]
+    targs = ""
+    if head.endswith(">"):
+        depth = 0
+        for k in range(len(head) - 1, -1, -1):
+            depth += head[k] == ">"
+            depth -= head[k] == "<"
+            if depth == 0:
+                targs, head = head[k + 1 : -1], head[:k]
+                break
+    kernel = head.split("::")[-1].split(" ")[-1]
+    return kernel, _DTYPE_NAMES.get(targs.strip(), targs.strip())
+
+
+def parse_ptxas(log: str) -> list[dict]:
+    """One record per entry function of a ``ptxas -v`` log: kernel, dtype, regs, spill bytes
+    (stores + loads), stack frame bytes, static shared memory bytes."""
+    entries = []
+    for line in log.splitlines():
+        mm = re.search(r"Compiling entry function '(\w+)'", line)
+        if mm:
+            entries.append({"mangled": mm.group(1), "regs": -1, "spill": 0, "stack": 0, "smem": 0})
+            continue
+        if not entries:
+            continue
+        cur = entries[-1]
+        mm = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if mm:
+            cur["stack"] = int(mm.group(1))
+            cur["spill"] = int(mm.group(2)) + int(mm.group(3))
+        mm = re.search(r"Used (\d+) registers", line)
+        if mm:
+            cur["regs"] = int(mm.group(1))
+            sm = re.search(r"(\d+) bytes smem", line)
+            cur["smem"] = int(sm.group(1)) if sm else 0
+    for cur, dem in zip(entries, _demangle([e["mangled"] for e in entries])):
+        cur["kernel"], cur["dtype"] = kernel_label(cur["mangled"], dem)
+    return entries
+
+
+def cuda_launches(m: int, c: int, n: int, sms: int = H100_SMS) -> list[tuple[str, str, int]]:
+    """(op, kernel, CTAs) of one forward and one backward call of the ``cuda`` backend at (M, c, N),
+    hdim = c/8, as csrc/cuda/routed_head_launch.h launches them (grids sized by bounds, never by
+    the routing)."""
+    h = max(1, c // 8)
+    tile, group = 64, 64 * 32
+    cd = lambda a, b: -(-a // b)  # noqa: E731
+    tiles, groups = cd(m, tile) + n, cd(m, group) + n
+    blocks = cd(c, tile) ** 2
+    slab = max(tile, cd(cd(m, max(1, 4 * sms // blocks)), tile) * tile)
+    slabs = cd(m, slab) + n
+    nb = cd(m, 256)
+    lc = 2 * h + 1
+    return [
+        ("fwd", "_routing_hist_kernel", nb),
+        ("fwd", "_routing_scan_kernel", 1),
+        ("fwd", "_routing_place_kernel", nb),
+        ("fwd", "_segment_maps_kernel", 1),
+        ("fwd", "_routed_head_fwd_kernel", tiles),
+        ("fwd", "_routed_head_stats_merge_kernel", n),
+        ("bwd", "_segment_maps_kernel", 3),
+        ("bwd", "_bwd_prep_kernel", cd(h, 64) * cd(c, 64) * n),
+        ("bwd", "_bwd_dy_kernel", tiles),
+        ("bwd", "_bwd_dx_kernel", tiles * cd(c, 64)),
+        ("bwd", "_bwd_dproj_kernel", slabs * blocks),
+        ("bwd", "_bwd_dw1_kernel", slabs * cd(c, 64) * cd(h, 64)),
+        ("bwd", "_group_sum_kernel", groups * cd(lc, 128)),
+        ("bwd", "_expert_sum_kernel (classifier)", n * cd(lc, 128)),
+        ("bwd", "_expert_sum_kernel (dproj)", n * min(cd(c * c, 128), 65535)),
+        ("bwd", "_expert_sum_kernel (D)", n * min(cd(h * c, 128), 65535)),
+        ("bwd", "_bwd_finish_kernel", cd(h, 64) * cd(c, 64) * n),
+    ]
+
+
+def _bwd_launch_constant() -> int | None:
+    text = (ROOT / "csrc/cuda/routed_head_launch.h").read_text()
+    mm = re.search(r"kBwdLaunches = (\d+)", text)
+    return int(mm.group(1)) if mm else None
+
+
+def cuda_report(archs, m: int = 800_000, cs=(256, 512), ns=(12, 16)) -> tuple[str, list[str]]:
+    """ptxas -v of csrc/cuda/routed_head_cuda.cu per architecture (needs nvcc and torch's headers),
+    and the launches of one op call. Returns the Markdown and the list of kernels that spill."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        return "CUDA kernels: nvcc not found\n"
+        return "CUDA kernels: nvcc not found\n", []
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths
@@ -301,11 +431,12 @@ def cuda_report(archs) -> str:
     ]
     lines = [
         "",
-        "CUDA kernels (nvcc, ptxas -v)",
+        "CUDA kernels (nvcc, ptxas -v; smem is static shared memory, the forward adds dynamic memory)",
         "",
-        "| arch | kernel | regs | spill B | smem B |",
-        "|---|---|---|---|---|",
+        "| arch | kernel | dtype | regs | spill B | stack B | smem B |",
+        "|---|---|---|---|---|---|---|",
     ]
+    spills = []
     for arch in archs:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [
@@ -327,27 +458,31 @@ def cuda_report(archs) -> str:
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            lines.append(f"| sm_{arch} | compile failed: {proc.stderr.strip().splitlines()[-1:]} | | | |")
+            lines.append(f"| sm_{arch} | compile failed: {proc.stderr.strip().splitlines()[-1:]} | | | | | |")
+            spills.append(f"sm_{arch}: the CUDA kernels did not compile")
             continue
-        name = None
-        for line in proc.stderr.splitlines():
-            mm = re.search(r"Compiling entry function '(\w+)'", line)
-            if mm:
-                name = re.sub(r"^_Z\d+", "", mm.group(1))
-                name = re.match(r"_?[A-Za-z]\w*?(?=I|P|[a-z]_|$)", name).group(0) if name else name
-                spill = 0
-                continue
-            mm = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-            if mm:
-                spill = int(mm.group(1)) + int(mm.group(2))
-            mm = re.search(r"Used (\d+) registers.*?(?:, (\d+) bytes smem)?", line)
-            if mm and name:
-                smem = re.search(r"(\d+) bytes smem", line)
-                lines.append(
-                    f"| sm_{arch} | {name} | {mm.group(1)} | {spill} | {smem.group(1) if smem else 0} |"
-                )
-                name = None
-    return "\n".join(lines) + "\n"
+        for r in sorted(parse_ptxas(proc.stderr), key=lambda r: (r["kernel"], r["dtype"])):
+            lines.append(
+                f"| sm_{arch} | {r['kernel']} | {r['dtype'] or '-'} | {r['regs']} | {r['spill']} "
+                f"| {r['stack']} | {r['smem']} |"
+            )
+            if r["spill"]:
+                spills.append(f"sm_{arch} {r['kernel']} {r['dtype']}: {r['spill']} B (CUDA)")
+    lines += ["", f"CUDA launches per op call (M = {m}, hdim = c/8, {H100_SMS} SMs)", ""]
+    lines += ["| c | N | op | kernel | CTAs |", "|---|---|---|---|---|"]
+    for c in cs:
+        for n in ns:
+            launches_ = cuda_launches(m, c, n)
+            for op, name, ctas in launches_:
+                lines.append(f"| {c} | {n} | {op} | {name} | {ctas} |")
+            for op in ("fwd", "bwd"):
+                count = sum(1 for o, _, _ in launches_ if o == op)
+                lines.append(f"| {c} | {n} | {op} | **op call: {count} launches** | |")
+    const = _bwd_launch_constant()
+    bwd = sum(1 for o, _, _ in cuda_launches(m, cs[0], ns[0]) if o == "bwd")
+    if const is not None and const != bwd:
+        spills.append(f"kernel_report lists {bwd} backward launches, routed_head_launch.h says {const}")
+    return "\n".join(lines) + "\n", spills
 
 
 def main(argv=None) -> int:
@@ -359,9 +494,16 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--kernels", nargs="+", help="only these kernels (names as printed)")
     ap.add_argument("--cuda", action="store_true", help="also report the CUDA kernels (nvcc)")
+    ap.add_argument("--cuda-only", action="store_true", help="report the CUDA kernels only (no Triton)")
     ap.add_argument("--fail-on-spill", action="store_true")
     args = ap.parse_args(argv)
 
+    if args.cuda_only:
+        text, spills = cuda_report(args.arch, args.m, args.c, args.n)
+        print(text)
+        if spills:
+            print("\nspills:\n" + "\n".join(spills), file=sys.stderr)
+        return 1 if spills and args.fail_on_spill else 0
     os.environ["TRITON_INTERPRET"] = "0"
     # A fresh cache: ptxas runs (and reports) for every kernel, none is taken from an earlier run.
     cache_dir = tempfile.TemporaryDirectory(prefix="calgan-kernel-report-")
@@ -414,7 +556,9 @@ def main(argv=None) -> int:
                             f"{by / 1e6:.0f} | {fl / 1e9:.1f} | {bound:.0f} (matmul bf16: {mm_bound:.0f}) |"
                         )
     if args.cuda:
-        print(cuda_report(args.arch))
+        text, cuda_spills = cuda_report(args.arch, args.m, args.c, args.n)
+        print(text)
+        spills += cuda_spills
     if spills:
         print("\nspills:\n" + "\n".join(spills), file=sys.stderr)
         if args.fail_on_spill:

@@ -1,4 +1,9 @@
-"""Every environment variable calgan_fast reads, read in this one place."""
+"""Every environment variable calgan_fast reads, read in this one place.
+
+The compiled extension reads two more itself, per call, since its raw ops can be called without
+this package: ``CALGAN_FAST_CUDA_BWD=aten`` (the ``cuda`` backend's earlier ATen backward) and
+``CALGAN_FAST_DEBUG_CHECKS=1`` (routing-metadata checks of the raw CUDA ops); see the README.
+"""
 
 from __future__ import annotations
 

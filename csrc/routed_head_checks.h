@@ -90,7 +90,6 @@ inline void check_routed_head_bwd_args(const at::Tensor& glogits, const at::Tens
 // The routing metadata handed to a backward: offsets must be a non-decreasing run from 0 to M that
 // agrees with count, and perm a permutation of [0, M) (range checked on every device, duplicates on
 // CPU), so that a malformed direct call raises instead of writing out of bounds.
-// offsets may already be a host copy (the CUDA backward makes one anyway).
 inline void check_routing_metadata(const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& count,
                                    int64_t m, int64_t n) {
   const at::Tensor off = offsets.to(at::kCPU).contiguous();

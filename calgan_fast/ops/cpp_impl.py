@@ -63,8 +63,9 @@ def backward(
 
     ``glogits (M,)``, ``gmean (N, c)``, ``gvar (N,)`` are the upstream gradients; ``count``,
     ``mean``, ``perm``, ``offsets`` and ``xcov`` are the forward's outputs. No activation is saved:
-    the hidden activations are recomputed from x, and the gradients of ``y`` are formed
-    algebraically from x, the gate and per-expert statistics (docs/design.md §6).
+    the hidden activations are recomputed from x; on CPU the gradients of ``y`` are formed
+    algebraically from x, the gate and per-expert statistics, on CUDA per row tile on the device
+    (docs/design.md §6, docs/backends.md).
     """
     return tuple(
         _ops().routed_head_bwd(

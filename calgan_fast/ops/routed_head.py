@@ -6,8 +6,8 @@ fake (meta) implementations so that ``torch.library.opcheck`` passes and ``torch
 trace models that use them. Autograd saves the inputs, the routing metadata, the expert means and
 the backend's ``xcov`` per-expert statistics (the ``(N, c, c)`` cross-covariances of ``y`` and the
 gated rows for ``cpu``, nothing for the others), and calls the backward op, which recomputes what it needs of
-the forward (``y`` and ``z`` in the ``torch`` and ``triton`` backends; ``z`` and an algebraic form
-of ``y`` in ``cpu``/``cuda``). The backward op itself has no autograd formula: a double backward
+the forward (``y`` and ``z`` in the ``torch``, ``triton`` and ``cuda`` backends; ``z`` and an
+algebraic form of ``y`` in ``cpu``). The backward op itself has no autograd formula: a double backward
 (an R1 penalty through D) raises instead of being wrong.
 """
 
