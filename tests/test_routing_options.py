@@ -51,7 +51,7 @@ def test_usage_term_rebalances_a_rigged_router_more_than_the_paper_term():
     """On a router rigged to send most pixels to expert 0, a few steps on the usage (or entropy)
     term spread the usage evenly; the same steps on the paper's Eq. 4, which only flattens each
     pixel's router output, leave it less even."""
-    x = torch.rand(4, 3, 16, 16)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     entropy = {}
     for mode in ("start", "usage", "entropy", "mi", "paper"):
         net = _net(n=4).eval()

@@ -201,13 +201,17 @@ class GANStep:
         """After D's optimizer step of adversarial iteration ``i``: the usage average takes the
         shares of :meth:`discriminator_loss`'s result ``d`` and, every ``revive_every``
         iterations, the silent experts are revived (``optimizer``: its state of the rewritten
-        rows is cleared). ``shares``: the sampled experts' shares over every process when the
-        caller has them (:meth:`routing_usage`), else counted here. Returns the revived ids."""
+        rows is cleared). The shares are those of the argmax of the router (the routing of eval
+        mode): Gumbel sampling spreads pixels over experts that the argmax never picks, so the
+        sampled shares hide a silent expert. ``shares``: those shares over every process when the
+        caller has them (:meth:`routing_usage`'s ``usage``), else counted here. Returns the
+        revived ids."""
         s = self.settings
         if not self.routed or not s.revive_every:
             return []
         if shares is None:
-            count = _global_sum(d["stats"].count.float().clone())
+            probs = d["routing"].probs
+            count = _global_sum(torch.bincount(probs.argmax(1).reshape(-1), minlength=probs.shape[1]).float())
             shares = count / count.sum().clamp_min(1)
         self.usage.mul_(s.usage_decay).add_(shares.detach().double().cpu(), alpha=1 - s.usage_decay)
         if i % s.revive_every:

@@ -399,7 +399,7 @@ class Trainer:
                 logs[f"d_{k}"] = d[k].detach()
         logs["acc_d_real"], logs["acc_d_fake"] = d["acc_d_real"].detach(), d["acc_d_fake"].detach()
         logs.update(gan.routing_usage(d))
-        revived = gan.end_iteration(i, d, self.opt_d, shares=logs.get("usage_sampled"))
+        revived = gan.end_iteration(i, d, self.opt_d, shares=logs.get("usage"))
         if revived:
             self.log.say(f"iteration {self.it}: revived silent expert(s) {revived} "
                          "(train.d_opt.revive_every)")
