@@ -324,3 +324,20 @@ def test_trainer_logs_the_options_and_resumes_them_exactly(tmp_path, capsys):
     assert all(x["d_z"] > 0 for x in phase2)
     ckpt = torch.load(tmp_path / "b" / "checkpoints" / "iter_0000006.pth", weights_only=True)
     assert ckpt["gan_step"]["usage"].shape == (3,)
+
+
+def test_step_revival_reads_the_argmax_usage_not_the_gumbel_samples():
+    """At a high sampling temperature the Gumbel samples spread the pixels over every expert while
+    the argmax (eval mode's routing) never picks expert 3: the revival sees it as silent."""
+    from calgan_fast.train.step import GANStep
+
+    net = _net(n=4, tau=50.0).train()
+    with torch.no_grad():
+        net.router.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -2.0]))
+    step = GANStep(net, _settings(revive_every=1, usage_decay=0.0), total_iter=1, seed=0)
+    torch.manual_seed(0)
+    d = step.discriminator_loss(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16))
+    sampled = d["stats"].count.float() / d["stats"].count.sum()
+    assert sampled[3] > 1 / 16  # alive by the samples
+    assert step.end_iteration(1, d) == [3]
+    assert step.routing_usage(d)["usage"][3] == 0
