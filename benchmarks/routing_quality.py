@@ -355,7 +355,8 @@ def render(folder: Path, command: str | None = None) -> str:
               "the mean over seeds of the mean of the last three evaluations (held-out crops); "
               "`min alive`: the fewest experts alive at any evaluation; ± the spread (max − min) "
               "over seeds. Target: accuracy ≥ 0.95 (both), entropy ≥ 0.85, min alive ≥ N − 1, "
-              "NMI ≥ 0.12.", ""]
+              "NMI ≥ 0.12. `ms/step`: wall time per training step as the runs were made (runs that "
+              "shared the machine with others are slower).", ""]
     lines += ["| setting | options | seeds | acc (trained) | acc (eval) | usage entropy | alive | min alive "
               "| NMI | ms/step | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in sorted(runs.items()):
@@ -364,7 +365,7 @@ def render(folder: Path, command: str | None = None) -> str:
 
         def cell(k, fmt="{:.3f}", ss=ss):
             v = [s[k] for s in ss]
-            spread = f" ± {max(v) - min(v):.3f}" if len(v) > 1 else ""
+            spread = " ± " + fmt.format(max(v) - min(v)) if len(v) > 1 else ""
             return fmt.format(float(np.mean(v))) + spread
 
         met = sum(target_met(s, n) for s in ss)
@@ -372,7 +373,8 @@ def render(folder: Path, command: str | None = None) -> str:
                      f"{cell('acc_eval')} | {cell('usage_entropy')} | {cell('experts_alive', '{:.1f}')} | "
                      f"{min(s['min_alive'] for s in ss)} | {cell('nmi_content')} | "
                      f"{cell('ms_per_step', '{:.0f}')} | {met}/{len(ss)} |")
-    lines.append("")
+    lines += ["", "![the four figures over training](routing_quality.png)", "",
+              "![balance against content-awareness, one point per run](routing_tradeoff.png)", ""]
     return "\n".join(lines)
 
 
@@ -404,6 +406,40 @@ def plot(folder: Path, names: list[str] | None = None) -> Path:
     return out
 
 
+def plot_tradeoff(folder: Path) -> Path:
+    """One point per run: the usage entropy against the NMI (mean of the last evaluations),
+    marked by the fewest experts alive; the target's corner shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = load_results(folder)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for i, (name, rs) in enumerate(sorted(runs.items())):
+        ss = [summary(r) for r in rs]
+        n = rs[0]["setting"]["num_experts"]
+        colour = plt.cm.tab20(i % 20)
+        for s in ss:
+            marker = "o" if s["min_alive"] >= n - 1 else "x"
+            ax.scatter(s["nmi_content"], s["usage_entropy"], color=colour, marker=marker, s=40)
+        ax.annotate(name, (float(np.mean([s["nmi_content"] for s in ss])),
+                           float(np.mean([s["usage_entropy"] for s in ss]))), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points", color=colour)
+    ax.fill_between([0.12, max(0.16, ax.get_xlim()[1])], 0.85, 1.0, color="green", alpha=0.1,
+                    label="target (NMI >= 0.12, entropy >= 0.85)")
+    ax.set_xlabel("NMI (expert, variance quintile): content-awareness")
+    ax.set_ylabel("usage entropy: balance")
+    ax.set_title("Balance against content-awareness, one point per run "
+                 "(x: fewer than N - 1 alive at some step)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    out = folder / "routing_tradeoff.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 # --------------------------------------------------------------------------------------- main
 
 
@@ -427,7 +463,7 @@ def main(argv=None) -> int:
     if args.report:
         folder = Path(args.report)
         (folder / "README.md").write_text(render(folder, args.command))
-        print(f"wrote {folder / 'README.md'} and {plot(folder, args.plot)}")
+        print(f"wrote {folder / 'README.md'}, {plot(folder, args.plot)} and {plot_tradeoff(folder)}")
         return 0
     torch.set_num_threads(args.threads)
     names = args.setting or ["paper"]

@@ -184,6 +184,7 @@ def test_routing_benchmark_runs_and_reports(tmp_path):
     text = (out / "README.md").read_text()
     assert "| paper |" in text and "| usage |" in text and "balance=usage" in text
     assert (out / "routing_quality.png").stat().st_size > 0
+    assert (out / "routing_tradeoff.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="unknown"):
         bench.main([*common, "--setting", "nope"])
     with pytest.raises(SystemExit, match="unknown option"):
