@@ -342,3 +342,23 @@ def test_step_revival_reads_the_argmax_usage_not_the_gumbel_samples():
     assert sampled[3] > 1 / 16  # alive by the samples
     assert step.end_iteration(1, d) == [3]
     assert step.routing_usage(d)["usage"][3] == 0
+
+
+def test_capacity_routing_caps_each_expert_and_keeps_eval_routing():
+    bench = _load_benchmark()
+    net = _net(n=4)
+    logits = torch.zeros(2, 4, 8, 8)
+    logits[:, 0] = 20.0  # a rigged router: every pixel prefers expert 0
+    route = bench.capacity_routing(net, 1.25)
+    torch.manual_seed(1)
+    r = route(logits)
+    counts = torch.bincount(r.expert.flatten(), minlength=4)
+    cap = math.ceil(1.25 * 128 / 4)
+    assert counts.max() <= cap and counts.sum() == 128, counts
+    assert counts[0] == cap  # expert 0 keeps as many as it may, the rest move on
+    # Gradients still reach the router through the gate of the chosen expert.
+    logits.requires_grad_(True)
+    route(logits).gate.sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    net.eval()
+    assert torch.equal(route(logits.detach()).expert, logits.detach().argmax(1))
