@@ -183,6 +183,37 @@ def test_calgan_model_applies_the_routing_options(tmp_path):
     assert model.gan.settings.balance == "usage" and model.gan.usage.shape == (d.num_experts,)
 
 
+@needs_basicsr
+def test_calgan_model_training_state_keeps_the_usage_average(tmp_path):
+    importlib.import_module("calgan_fast.integrations.basicsr")
+    from basicsr.models import build_model
+
+    opts = {"balance_mode": "usage", "revive_every": 100, "usage_decay": 0.5}
+    torch.manual_seed(0)
+    model = build_model(_model_opt(tmp_path, opts, net_d_init_iters=0))
+    for it in range(1, 3):
+        model.feed_data(_model_batch(it))
+        model.optimize_parameters(it)
+    usage = model.gan.usage.clone()
+    assert not torch.allclose(usage, torch.full_like(usage, 1 / len(usage)))
+    states = Path(model.opt["path"]["training_states"])
+    states.mkdir(parents=True)
+    model.save_training_state(epoch=0, current_iter=2)
+    assert sorted(p.name for p in states.iterdir()) == ["2.state"]  # nothing else for BasicSR to parse
+    state = torch.load(states / "2.state", weights_only=True)
+    assert state["iter"] == 2 and len(state["optimizers"]) == 2
+    assert torch.equal(state["calgan"]["usage"], usage)
+
+    torch.manual_seed(1)
+    resumed = build_model(_model_opt(tmp_path, opts, net_d_init_iters=0))
+    resumed.resume_training(state)
+    assert torch.equal(resumed.gan.usage, usage)
+    # A state written by BasicSR's own models (no "calgan") still resumes, from even usage.
+    resumed = build_model(_model_opt(tmp_path, opts, net_d_init_iters=0))
+    resumed.resume_training({k: v for k, v in state.items() if k != "calgan"})
+    assert torch.allclose(resumed.gan.usage, torch.full_like(usage, 1 / len(usage)))
+
+
 # --------------------------------------------------------------------------------------------
 # CALGANModel through BasicSR's model API
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 from ...nn.discriminator import CALGANDiscriminator
+from ...train.checkpoint import atomic_save
 from ...train.step import GANSettings, GANStep, SettingError
 from .._torchvision_compat import install_functional_tensor_alias
 
@@ -37,6 +38,7 @@ install_functional_tensor_alias()
 try:
     from basicsr.models.srgan_model import SRGANModel
     from basicsr.utils import get_root_logger
+    from basicsr.utils.dist_util import master_only
     from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -195,6 +197,27 @@ class CALGANModel(SRGANModel):
         self.gen_weight = self.gan.settings.lambda_g
         get_root_logger().info(f"CAL-GAN options: {asdict(self.calgan_opt)}; generator adversarial "
                                f"weight {self.gen_weight:g}")
+
+    @master_only
+    def save_training_state(self, epoch, current_iter):
+        """BasicSR's training state (epoch, iteration, optimizers, schedulers) plus the CAL-GAN
+        step's own state under ``"calgan"`` (the usage average that revival reads), written
+        atomically to ``training_states/<iter>.state``, the file BasicSR resumes from."""
+        if current_iter == -1:  # BasicSR's "latest" save writes no training state
+            return
+        state = {"epoch": epoch, "iter": current_iter,
+                 "optimizers": [o.state_dict() for o in self.optimizers],
+                 "schedulers": [s.state_dict() for s in self.schedulers],
+                 "calgan": self.gan.state_dict()}
+        atomic_save(state, os.path.join(self.opt["path"]["training_states"], f"{current_iter}.state"))
+
+    def resume_training(self, resume_state):
+        super().resume_training(resume_state)
+        if "calgan" in resume_state:
+            self.gan.load_state_dict(resume_state["calgan"])
+        elif self.gan.settings.revive_every:
+            get_root_logger().warning("the training state has no CAL-GAN usage average (saved by another "
+                                      "model); revival starts from even usage")
 
     def optimize_parameters(self, current_iter):
         gan = self.gan
