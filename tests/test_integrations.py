@@ -184,6 +184,24 @@ def test_calgan_model_applies_the_routing_options(tmp_path):
 
 
 @needs_basicsr
+def test_calgan_model_with_one_expert_has_no_routing_losses(tmp_path):
+    importlib.import_module("calgan_fast.integrations.basicsr")
+    from basicsr.models import build_model
+
+    opt = _model_opt(tmp_path, {"balance_weight": 0.3, "ortho_weight": 2.0, "dist_weight": 0.1},
+                     net_d_init_iters=0)
+    opt["network_d"]["num_experts"] = 1
+    torch.manual_seed(0)
+    model = build_model(opt)
+    s = model.gan.settings
+    assert (s.lambda_b, s.lambda_o, s.lambda_d, s.lambda_z) == (0, 0, 0, 0) and s.lambda_dis > 0
+    model.feed_data(_model_batch(1))
+    model.optimize_parameters(1)
+    log = model.get_current_log()
+    assert log["l_d_total"] == pytest.approx(s.lambda_dis * log["l_d_adv"], rel=1e-5)
+
+
+@needs_basicsr
 def test_calgan_model_training_state_keeps_the_usage_average(tmp_path):
     importlib.import_module("calgan_fast.integrations.basicsr")
     from basicsr.models import build_model

@@ -172,10 +172,13 @@ class GANStep:
     """
 
     def __init__(self, net_d: nn.Module, settings: GANSettings, total_iter: int = 0, seed: int = 0):
-        self.net_d, self.settings = net_d, settings
         self.total_iter, self.seed = int(total_iter), int(seed)
         bare = _bare(net_d)
         self.routed = isinstance(bare, CALGANDiscriminator)
+        if self.routed and bare.num_experts == 1:
+            # N = 1 is the standard GAN configuration: one classifier, no routing losses.
+            settings = settings.without_routing_losses()
+        self.net_d, self.settings = net_d, settings
         self.tau_start = bare.config.tau if self.routed else None
         n = bare.num_experts if self.routed else 0
         #: Moving average of the experts' shares of the real pixels (float64, on the CPU).

@@ -241,12 +241,9 @@ class Trainer:
         self.scaler_g = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.scaler_d = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.total = tr["pretrain_iter"] + tr["total_iter"]
-        settings = GANSettings.from_config(tr)
-        if getattr(self.net_d, "num_experts", None) == 1:
-            # N = 1 is the standard GAN configuration: one classifier, no routing losses.
-            settings = settings.without_routing_losses()
-        # Plain-GAN baselines (VGG-style, U-Net) train with the standard GAN losses only.
-        self.gan = GANStep(self.net_d, settings, tr["total_iter"], cfg["manual_seed"])
+        # N = 1 trains without routing losses, and the plain-GAN baselines (VGG-style, U-Net) with
+        # the standard GAN losses only (GANStep decides both).
+        self.gan = GANStep(self.net_d, GANSettings.from_config(tr), tr["total_iter"], cfg["manual_seed"])
         self.d_routed = self.gan.routed
         self.chance = ChanceWatch(chance_window(cfg), cfg["logger"]["chance_margin"])
 
