@@ -347,6 +347,24 @@ def with_process_batch(cfg: Mapping, world: int) -> dict:
     return out
 
 
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping of a YAML file; a missing file or invalid YAML is a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return dict(data)
+
+
 def load_config(preset: str | None = None, path: str | os.PathLike | None = None,
                 overrides: Mapping | None = None) -> dict:
     """Defaults <- preset <- YAML file <- overrides, validated. Raises ConfigError.
@@ -363,20 +381,7 @@ def load_config(preset: str | None = None, path: str | os.PathLike | None = None
     where = "config"
     if path is not None:
         where = str(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{line} invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-        data = dict(data)
+        data = read_yaml(path)
         named = data.pop("base", None)
         if named is not None and preset is None:
             if named not in PRESETS:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .config import DEFAULTS, PRESETS, ConfigError, merge, validate
+from .config import DEFAULTS, PRESETS, ConfigError, merge, read_yaml, validate
 
 __all__ = ["DEFAULT_BASE", "LayeredConfig", "build_config", "changed_keys", "config_for_resume",
            "parse_sets", "read_yaml"]
@@ -42,24 +42,6 @@ class LayeredConfig(dict):
 
     base: str | None
     origin: dict[str, str]
-
-
-def read_yaml(path: str | os.PathLike) -> dict:
-    """The mapping of a YAML file; a missing file or invalid YAML is a ConfigError."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{line} invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return dict(data)
 
 
 def _leaves(d: Mapping, prefix: tuple = ()) -> dict[str, Any]:
