@@ -174,6 +174,14 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned
       f.x[i * F::kCols + j] = std::is_same_v<Layout, row_major> ? p[i * ldm + j] : p[j * ldm + i];
 }
 
+// An accumulator tile from memory (row- or column-major), as the CUDA overload with a layout_t.
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm, layout_t layout) {
+  if (!lane0()) return;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) f.x[i * N + j] = layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i];
+}
+
 template <int M, int N, int K, typename TA, typename LA, typename LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
               const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
