@@ -458,11 +458,10 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
     }
     __syncthreads();  // Ys, Yt and the W1 chunk are read, hs is complete for the chunk
   }
-  // ---- classifier (classifier_logit's order: b2, then the hidden units in order) and logit scatter
+  // ---- classifier and logit scatter (h column-major: a row's hidden units kHsLd apart)
   if (tid < nt) {
-    float s = to_f(b2[e]);
-    for (int64_t j = 0; j < hdim; ++j) s += w2s[j] * lrelu(hs[j * kHsLd + tid] + b1s[j]);
-    logits[rows[tid]] = static_cast<scalar_t>(s);
+    const float logit = classifier_logit(hs + tid, int64_t{kHsLd}, b1s, w2s, to_f(b2[e]), hdim);
+    logits[rows[tid]] = static_cast<scalar_t>(logit);
   }
   const float m2 = block_sum(m2_part, red);
   if (tid == 0) t_m2[t] = m2;
