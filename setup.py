@@ -26,6 +26,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # Compiler flags of the C++ sources, the same in CMakeLists.txt. -fno-trapping-math lets the compiler
 # if-convert (and so vectorise) the compares of the row loops; nothing reads floating-point flags.
 CXX_FLAGS = ("-O3", "-fopenmp", "-fno-trapping-math")
+# nvcc flags of the CUDA sources, the same in CMakeLists.txt. `--threads 0` compiles the
+# architectures of TORCH_CUDA_ARCH_LIST in parallel (one nvcc thread per target).
+NVCC_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-lineinfo", "--threads", "0")
 
 
 def _flag(name: str) -> bool:
@@ -106,7 +109,7 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
         define_macros.append(("CALGAN_CUDA_ARCH_LIST", '"' + os.environ["TORCH_CUDA_ARCH_LIST"] + '"'))
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = list(NVCC_FLAGS)
         ext = CUDAExtension(
             "calgan_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros, extra_compile_args={"cxx": cxx, "nvcc": nvcc},

@@ -31,12 +31,12 @@ CALGAN_HD T lrelu_grad(T h) {
   return h > T(0) ? T(1) : static_cast<T>(kLReluSlope);
 }
 
-// logit of one row from its hidden pre-activation h (hdim values); the CUDA epilogue's form (the CPU
-// forward takes the logits of an expert as one GEMV over lrelu(h)).
+// logit of one row from its hidden layer before the bias (hdim values, `stride` apart) and b1; the
+// CUDA epilogue's form (the CPU forward takes the logits of an expert as one GEMV over lrelu(h)).
 template <typename T>
-CALGAN_HD T classifier_logit(const T* h, const T* w2, T b2, int64_t hdim) {
+CALGAN_HD T classifier_logit(const T* h, int64_t stride, const T* b1, const T* w2, T b2, int64_t hdim) {
   T s = b2;
-  for (int64_t j = 0; j < hdim; ++j) s += w2[j] * lrelu(h[j]);
+  for (int64_t j = 0; j < hdim; ++j) s += w2[j] * lrelu(h[j * stride] + b1[j]);
   return s;
 }
 

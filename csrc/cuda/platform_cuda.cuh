@@ -15,8 +15,9 @@
 #include <cstdint>
 
 #define CALGAN_DEVICE_PLATFORM_CUDA 1
-// Dynamic shared memory of a kernel as an array of `type` named `name`.
-#define CALGAN_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+// Dynamic shared memory of a kernel as an array of `type` named `name`, aligned for WMMA fragment
+// pointers (32 bytes) and 16-byte vector accesses.
+#define CALGAN_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
 
 namespace calgan_fast {
 namespace dev {

@@ -8,9 +8,10 @@
 //   w1 (N, H, c);  b1 (N, H);  w2 (N, H);  b2 (N,);  perm (M,), offsets (N+1,) int64 (the routing);
 //   statistics mean (N, c), var (N,) fp32.
 //
-// Forward (_routed_head_fwd_kernel): one CTA per tile of up to kTile rows of one expert; y = g x O^T
-// on tensor cores (WMMA, fp16/bf16) or FMA tiles (fp32), h, the classifier and the tile statistics
-// in the epilogue; _routed_head_stats_merge_kernel merges the tiles of each expert (Chan).
+// Forward (_routed_head_fwd_kernel): one CTA per tile of up to kTile rows of one expert; per
+// 64-column chunk, y = g x O^T and h += y W1^T, both on tensor cores (WMMA, fp16/bf16) or exact
+// FMA tiles (fp32), with the tile statistics from the fp32 y; the classifier in the epilogue;
+// _routed_head_stats_merge_kernel merges the tiles of each expert (Chan).
 //
 // Backward, with u = O x, y = g u, a = gmean / n, k = 2 gvar / (n c) per expert of n rows:
 //   dh = glogit * w2 * lrelu'(h)                         (fp32, an (M, H) scratch in expert order)
@@ -190,23 +191,42 @@ __global__ void _segment_maps_kernel(const int64_t* __restrict__ offsets, int64_
 
 // Forward tile shape.
 constexpr int kBM = kTile;  // rows per tile (a CTA)
-constexpr int kBN = 64;     // output columns per chunk
-constexpr int kBK = 32;     // reduction slice
-constexpr int kPad = 8;     // keeps WMMA leading dimensions multiples of 8 and spreads banks
+constexpr int kBN = 64;     // output columns per chunk: the k extent of the chunk's hidden-layer GEMM
+constexpr int kBK = 32;     // reduction slice of the y GEMM
+constexpr int kPad = 8;     // operand rows of kBK + 8 elements: 16-byte multiples, rows spread over banks
+constexpr int kAk = kBK + kPad;  // row stride of the y GEMM's operand slabs in shared memory
 static_assert(kBM == kBN, "one loop fills both operand tiles");
 static_assert(kBM == 16 * (kThreads / 32), "one 16-row WMMA strip per warp");
 
-// Row stride of the staged W1 chunk in shared memory: odd, so that threads reading rows j, j + 1, ...
-// at one column hit different banks.
-constexpr int64_t kW1Ld = kBN + 1;
+// Shared-memory strides of the forward's epilogue, in elements. Each keeps WMMA's leading dimension
+// a multiple of 16 bytes and its fragment pointers 32-byte aligned, and is padded off a multiple of
+// 128 bytes so that the rows a warp reads or writes at once start in different banks.
+constexpr int kYLd = kBN + 8;    // the gated y chunk in T: the A operand of h += y W1^T (144-byte rows)
+constexpr int kW1Ld = kBN + 8;   // the W1 chunk in T, one row per hidden unit: the B operand (col-major)
+constexpr int kHsLd = kBM + 4;   // h in fp32, column-major: hidden unit j of the tile at hs + j kHsLd,
+                                 // so the classifier's threads (one row each) read consecutive words
+constexpr int kW1LdF = kBN + 1;  // the W1 chunk in fp32 (fp32 path): odd, threads reading rows j, j + 1,
+                                 // ... at one column hit different banks
+static_assert(kBM * kYLd <= 2 * kBM * kAk, "the y chunk in T fits the operand slabs it replaces");
 
-// Row stride of the tile's hidden activations in shared memory: odd, so that the threads of a warp,
-// one row each, read 32 different banks in the classifier epilogue.
-__host__ __device__ __forceinline__ int64_t hs_stride(int64_t hdim) { return hdim | 1; }
+// fp16/bf16 run both GEMMs of the forward on tensor cores; fp32 keeps exact FMA products.
+template <typename T>
+constexpr bool kHasWmma = !std::is_same_v<typename WmmaType<T>::type, void>;
 
-// Dynamic shared memory of the forward kernel.
+// Hidden units padded to whole 16-wide WMMA fragments (the padding's W1 rows are zero).
+__host__ __device__ __forceinline__ int64_t fwd_hpad(int64_t hdim) { return cdiv(hdim, 16) * 16; }
+
+// Bytes of the staged W1 chunk: hpad rows of T (tensor cores) or hdim rows of fp32.
+template <typename T>
+__host__ __device__ __forceinline__ int64_t fwd_w1_bytes(int64_t hdim) {
+  return kHasWmma<T> ? fwd_hpad(hdim) * kW1Ld * static_cast<int64_t>(sizeof(T))
+                     : hdim * kW1LdF * static_cast<int64_t>(sizeof(float));
+}
+
+// Dynamic shared memory of the forward kernel: hs (hpad x kHsLd fp32), the W1 chunk, w2 and b1.
+template <typename T>
 inline size_t fwd_dynamic_smem(int64_t hdim) {
-  return sizeof(float) * static_cast<size_t>(kBM * hs_stride(hdim) + hdim + hdim * kW1Ld);
+  return static_cast<size_t>(fwd_hpad(hdim) * kHsLd * 4 + fwd_w1_bytes<T>(hdim) + 2 * hdim * 4);
 }
 
 // Deterministic sum over the CTA (fixed tree); every thread gets the result.
@@ -222,33 +242,53 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return out;
 }
 
+// One CTA per tile of up to kBM rows of one expert. Per kBN-column chunk of y:
+//   1. Ys = x_tile O_e[chunk]^T, K-sliced through shared memory (x rows gathered through perm and
+//      read in place, any strides; 16-byte loads where `vec`: c % V == 0, x with unit channel
+//      stride, x rows and O 16-byte aligned), WMMA m16n16k16 with fp32
+//      accumulators for fp16/bf16, 4 x 8 FMA outputs per thread for fp32;
+//   2. Ys *= g (fp32), the chunk's columns of the tile statistics;
+//   3. h += y W1_e[:, chunk]^T: for fp16/bf16 on tensor cores, with y rounded to T (as a GEMM in T
+//      would) and the W1 chunk staged in shared memory by coalesced loads (16 bytes where `vec_w1`:
+//      c % V == 0 and W1 16-byte aligned), each warp its own
+//      16 rows, the fp32 accumulators kept in shared memory across chunks; for fp32 exact FMA dots.
+// Epilogue: logit = w2 . lrelu(h + b1) + b2 per row, scattered to the row's own position.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
     const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1, const scalar_t* __restrict__ gate,
     const scalar_t* __restrict__ proj, const scalar_t* __restrict__ w1, const scalar_t* __restrict__ b1,
     const scalar_t* __restrict__ w2, const scalar_t* __restrict__ b2, const int64_t* __restrict__ perm,
     const int64_t* __restrict__ tile_lo, const int64_t* __restrict__ tile_n, const int64_t* __restrict__ tile_e,
-    int64_t c, int64_t hdim, scalar_t* __restrict__ logits, float* __restrict__ t_mean,
+    int64_t c, int64_t hdim, bool vec, bool vec_w1, scalar_t* __restrict__ logits, float* __restrict__ t_mean,
     float* __restrict__ t_m2) {
   using wmma_t = typename WmmaType<scalar_t>::type;
-  constexpr bool kTensorCores = !std::is_same<wmma_t, void>::value;
-  __shared__ __align__(32) scalar_t As[kBM][kBK + kPad];
-  __shared__ __align__(32) scalar_t Bs[kBN][kBK + kPad];  // Bs[col][k] = O_e[col][k]: B = O_e^T, col-major
+  constexpr bool kTensorCores = kHasWmma<scalar_t>;
+  constexpr int V = 16 / static_cast<int>(sizeof(scalar_t));  // elements per 16-byte access
+  // The y GEMM's operand slabs As (x rows) | Bs (Bs[col][k] = O_e[col][k]: B = O_e^T, col-major);
+  // once the chunk's GEMM is done, the gated y chunk in T (Yt) in their place.
+  __shared__ __align__(128) scalar_t stage[2 * kBM * kAk];
   __shared__ __align__(32) float Ys[kBM][kBN + 4];
   __shared__ float gs[kBM];
   __shared__ int64_t rows[kBM];
   __shared__ float red[kThreads];
-  CALGAN_DYNAMIC_SMEM(float, dyn);  // hs[kBM * hs_ld], w2s[hdim], w1s[hdim * kW1Ld]
-  const int64_t hs_ld = hs_stride(hdim);
-  float* hs = dyn;
-  float* w2s = dyn + kBM * hs_ld;
-  float* w1s = w2s + hdim;  // the chunk's columns of W1_e, staged by coalesced loads
+  CALGAN_DYNAMIC_SMEM(unsigned char, dyn);  // hs | W1 chunk | w2 | b1
+  scalar_t* As = stage;
+  scalar_t* Bs = stage + kBM * kAk;
+  scalar_t* Yt = stage;
+  const int64_t hp = fwd_hpad(hdim);
+  float* hs = reinterpret_cast<float*>(dyn);
+  unsigned char* w1raw = dyn + hp * kHsLd * 4;
+  scalar_t* w1t = reinterpret_cast<scalar_t*>(w1raw);  // tensor cores: hp x kW1Ld in T
+  float* w1s = reinterpret_cast<float*>(w1raw);        // fp32: hdim x kW1LdF
+  float* w2s = reinterpret_cast<float*>(w1raw + fwd_w1_bytes<scalar_t>(hdim));
+  float* b1s = w2s + hdim;
 
   const int64_t t = blockIdx.x;
   const int64_t e = tile_e[t];
-  if (e < 0) return;  // past the last tile (the grid is sized by the bound cdiv(M, kBM) + N)
+  if (e < 0) return;  // past the last tile (the grid is sized by the bound cdiv(M, kBM) + N): CTA-uniform
   const int64_t lo = tile_lo[t], nt = tile_n[t];
   const int tid = threadIdx.x;
+  const int warp = tid / 32;
   const scalar_t* Oe = proj + e * c * c;
   const scalar_t* W1e = w1 + e * hdim * c;
   for (int r = tid; r < kBM; r += kThreads) {
@@ -256,13 +296,17 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
     rows[r] = p;
     gs[r] = p >= 0 ? to_f(gate[p]) : 0.f;
   }
-  for (int64_t i = tid; i < kBM * hs_ld; i += kThreads) hs[i] = 0.f;
-  for (int64_t i = tid; i < hdim; i += kThreads) w2s[i] = to_f(w2[e * hdim + i]);
+  for (int64_t i = tid; i < hp * kHsLd; i += kThreads) hs[i] = 0.f;
+  for (int64_t i = tid; i < hdim; i += kThreads) {
+    w2s[i] = to_f(w2[e * hdim + i]);
+    b1s[i] = to_f(b1[e * hdim + i]);
+  }
   __syncthreads();
 
   float m2_part = 0.f;
   for (int64_t col0 = 0; col0 < c; col0 += kBN) {
-    // ---- Y chunk = X_tile O_e[col0:col0+kBN]^T
+    const int64_t ncol = c - col0 < kBN ? c - col0 : kBN;
+    // ---- 1. Ys = X_tile O_e[col0:col0+kBN]^T
     float acc[4][8];
     if constexpr (!kTensorCores) {
 #pragma unroll
@@ -276,24 +320,40 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
       for (int f = 0; f < 4; ++f) wmma::fill_fragment(cfrag[f], 0.f);
     }
     for (int64_t k0 = 0; k0 < c; k0 += kBK) {
-      for (int i = tid; i < kBM * kBK; i += kThreads) {
-        const int r = i / kBK, k = i % kBK;
-        const int64_t p = rows[r];
-        As[r][k] = (p >= 0 && k0 + k < c) ? x[p * sx0 + (k0 + k) * sx1] : scalar_t(0.f);
-        const int64_t col = col0 + r;  // kBN == kBM: the same loop fills Bs
-        Bs[r][k] = (col < c && k0 + k < c) ? Oe[col * c + k0 + k] : scalar_t(0.f);
+      if (vec) {  // c % V == 0, unit channel stride, 16-byte aligned rows: a vector is all in or all out
+        for (int i = tid; i < kBM * (kBK / V); i += kThreads) {
+          const int r = i / (kBK / V), k = (i % (kBK / V)) * V;
+          const int64_t p = rows[r];
+          const int64_t col = col0 + r;  // kBN == kBM: the same loop fills Bs
+          vec16 a, b;
+          a.x = a.y = a.z = a.w = 0u;
+          b = a;
+          if (k0 + k < c) {
+            if (p >= 0) a = *reinterpret_cast<const vec16*>(x + p * sx0 + k0 + k);
+            if (col < c) b = *reinterpret_cast<const vec16*>(Oe + col * c + k0 + k);
+          }
+          *reinterpret_cast<vec16*>(As + r * kAk + k) = a;
+          *reinterpret_cast<vec16*>(Bs + r * kAk + k) = b;
+        }
+      } else {
+        for (int i = tid; i < kBM * kBK; i += kThreads) {
+          const int r = i / kBK, k = i % kBK;
+          const int64_t p = rows[r];
+          As[r * kAk + k] = (p >= 0 && k0 + k < c) ? x[p * sx0 + (k0 + k) * sx1] : scalar_t(0.f);
+          const int64_t col = col0 + r;
+          Bs[r * kAk + k] = (col < c && k0 + k < c) ? Oe[col * c + k0 + k] : scalar_t(0.f);
+        }
       }
       __syncthreads();
-      if constexpr (kTensorCores) {
-        const int warp = tid / 32;  // rows [16 warp, 16 warp + 16), all kBN columns
+      if constexpr (kTensorCores) {  // rows [16 warp, 16 warp + 16), all kBN columns
 #pragma unroll
         for (int kk = 0; kk < kBK; kk += 16) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, wmma_t, wmma::row_major> afrag;
-          wmma::load_matrix_sync(afrag, reinterpret_cast<const wmma_t*>(&As[warp * 16][kk]), kBK + kPad);
+          wmma::load_matrix_sync(afrag, reinterpret_cast<const wmma_t*>(As + warp * 16 * kAk + kk), kAk);
 #pragma unroll
           for (int f = 0; f < 4; ++f) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, wmma_t, wmma::col_major> bfrag;
-            wmma::load_matrix_sync(bfrag, reinterpret_cast<const wmma_t*>(&Bs[f * 16][kk]), kBK + kPad);
+            wmma::load_matrix_sync(bfrag, reinterpret_cast<const wmma_t*>(Bs + f * 16 * kAk + kk), kAk);
             wmma::mma_sync(cfrag[f], afrag, bfrag, cfrag[f]);
           }
         }
@@ -303,19 +363,18 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
         for (int k = 0; k < kBK; ++k) {
           float a[4], b[8];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) a[i] = to_f(As[tr * 4 + i][k]);
+          for (int i = 0; i < 4; ++i) a[i] = to_f(As[(tr * 4 + i) * kAk + k]);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) b[j] = to_f(Bs[tc * 8 + j][k]);
+          for (int j = 0; j < 8; ++j) b[j] = to_f(Bs[(tc * 8 + j) * kAk + k]);
 #pragma unroll
           for (int i = 0; i < 4; ++i)
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
         }
       }
-      __syncthreads();
+      __syncthreads();  // the slabs are read: the next slab (or Yt) may overwrite them
     }
     if constexpr (kTensorCores) {
-      const int warp = tid / 32;
 #pragma unroll
       for (int f = 0; f < 4; ++f)
         wmma::store_matrix_sync(&Ys[warp * 16][f * 16], cfrag[f], kBN + 4, wmma::mem_row_major);
@@ -327,14 +386,36 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
         for (int j = 0; j < 8; ++j) Ys[tr * 4 + i][tc * 8 + j] = acc[i][j];
     }
     __syncthreads();
-    // ---- epilogue of the chunk: gate, tile statistics, contribution to h
-    const int64_t ncol = c - col0 < kBN ? c - col0 : kBN;
-    for (int i = tid; i < kBM * kBN; i += kThreads) Ys[i / kBN][i % kBN] *= gs[i / kBN];
-    for (int64_t i = tid; i < hdim * kBN; i += kThreads) {
-      const int64_t j = i / kBN, q = i % kBN;
-      w1s[j * kW1Ld + q] = q < ncol ? to_f(W1e[j * c + col0 + q]) : 0.f;
+    // ---- 2. gate (each element by one thread: no barrier between the scaling and the rounding),
+    // and the W1 chunk into shared memory
+    for (int i = tid; i < kBM * kBN; i += kThreads) {
+      const int r = i / kBN, q = i % kBN;
+      const float v = Ys[r][q] * gs[r];
+      Ys[r][q] = v;
+      if constexpr (kTensorCores) Yt[r * kYLd + q] = static_cast<scalar_t>(v);
+    }
+    if constexpr (kTensorCores) {
+      // Rows past hdim and columns past c are zero: the padding adds exact zeros to h.
+      for (int64_t i = tid; i < hp * (kBN / V); i += kThreads) {
+        const int64_t j = i / (kBN / V);
+        const int q = static_cast<int>(i % (kBN / V)) * V;
+        scalar_t* dst = w1t + j * kW1Ld + q;
+        const scalar_t* src = W1e + j * c + col0 + q;
+        if (vec_w1 && j < hdim && q < ncol) {  // c % V == 0: the vector is whole
+          *reinterpret_cast<vec16*>(dst) = *reinterpret_cast<const vec16*>(src);
+        } else {
+#pragma unroll
+          for (int u = 0; u < V; ++u) dst[u] = (j < hdim && q + u < ncol) ? src[u] : scalar_t(0.f);
+        }
+      }
+    } else {
+      for (int64_t i = tid; i < hdim * kBN; i += kThreads) {
+        const int64_t j = i / kBN, q = i % kBN;
+        w1s[j * kW1LdF + q] = q < ncol ? to_f(W1e[j * c + col0 + q]) : 0.f;
+      }
     }
     __syncthreads();
+    // ---- 3. the chunk's tile statistics (exact fp32 y) and h += y W1_e[:, chunk]^T
     if (tid < ncol) {
       float s = 0.f;
       for (int r = 0; r < nt; ++r) s += Ys[r][tid];
@@ -347,20 +428,40 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
       t_mean[t * c + col0 + tid] = mu;
       m2_part += m2;
     }
-    for (int64_t i = tid; i < nt * hdim; i += kThreads) {
-      const int64_t r = i / hdim, j = i % hdim;
-      const float* wrow = w1s + j * kW1Ld;
-      float s = 0.f;
-      for (int64_t q = 0; q < ncol; ++q) s += Ys[r][q] * wrow[q];
-      hs[r * hs_ld + j] += s;
+    if constexpr (kTensorCores) {
+      if (warp * 16 < nt) {  // warp-uniform, and no barrier inside: strips of padding rows only are skipped
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, wmma_t, wmma::row_major> ya[kBN / 16];
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+          wmma::load_matrix_sync(ya[kk], reinterpret_cast<const wmma_t*>(Yt + warp * 16 * kYLd + kk * 16), kYLd);
+        for (int64_t f = 0; f < hp / 16; ++f) {
+          float* hfp = hs + f * 16 * kHsLd + warp * 16;  // rows of this warp, hidden units 16 f..
+          wmma::fragment<wmma::accumulator, 16, 16, 16, float> hf;
+          wmma::load_matrix_sync(hf, hfp, kHsLd, wmma::mem_col_major);
+#pragma unroll
+          for (int kk = 0; kk < kBN / 16; ++kk) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, wmma_t, wmma::col_major> wb;
+            wmma::load_matrix_sync(wb, reinterpret_cast<const wmma_t*>(w1t + f * 16 * kW1Ld + kk * 16), kW1Ld);
+            wmma::mma_sync(hf, ya[kk], wb, hf);
+          }
+          wmma::store_matrix_sync(hfp, hf, kHsLd, wmma::mem_col_major);
+        }
+      }
+    } else {
+      for (int64_t i = tid; i < nt * hdim; i += kThreads) {
+        const int64_t r = i / hdim, j = i % hdim;
+        const float* wrow = w1s + j * kW1LdF;
+        float s = 0.f;
+        for (int64_t q = 0; q < ncol; ++q) s += Ys[r][q] * wrow[q];
+        hs[j * kHsLd + r] += s;
+      }
     }
-    __syncthreads();
+    __syncthreads();  // Ys, Yt and the W1 chunk are read, hs is complete for the chunk
   }
-  // ---- classifier and logit scatter
-  for (int64_t i = tid; i < nt * hdim; i += kThreads) hs[(i / hdim) * hs_ld + i % hdim] += to_f(b1[e * hdim + i % hdim]);
-  __syncthreads();
+  // ---- classifier and logit scatter (h column-major: a row's hidden units kHsLd apart)
   if (tid < nt) {
-    logits[rows[tid]] = static_cast<scalar_t>(classifier_logit(hs + tid * hs_ld, w2s, to_f(b2[e]), hdim));
+    const float logit = classifier_logit(hs + tid, int64_t{kHsLd}, b1s, w2s, to_f(b2[e]), hdim);
+    logits[rows[tid]] = static_cast<scalar_t>(logit);
   }
   const float m2 = block_sum(m2_part, red);
   if (tid == 0) t_m2[t] = m2;

@@ -61,6 +61,8 @@ inline std::tuple<Tensor, Tensor, Tensor> routing_metadata(const Tensor& expert,
   return {count, offsets, perm};
 }
 
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // (logits, count, mean, var, perm, offsets) of the forward; inputs checked by the caller.
 template <typename T>
 std::vector<Tensor> routed_head_fwd(const Tensor& x, const Tensor& expert, const Tensor& gate, const Tensor& proj,
@@ -80,7 +82,12 @@ std::vector<Tensor> routed_head_fwd(const Tensor& x, const Tensor& expert, const
   Tensor mean = at::empty({n_exp, c}, fopts), var = at::empty({n_exp}, fopts);
   const Tensor G = gate.contiguous(), O = proj.contiguous(), W1 = w1.contiguous(), B1 = b1.contiguous();
   const Tensor W2 = w2.contiguous(), B2 = b2.contiguous();
-  const size_t dyn = fwd_dynamic_smem(hdim);
+  // 16-byte loads of the operand slabs (x rows, O rows) and of the W1 chunks where alignment allows.
+  constexpr int64_t V = 16 / static_cast<int64_t>(sizeof(T));
+  const bool vec_w1 = c % V == 0 && aligned16(W1.data_ptr());
+  const bool vec = c % V == 0 && x.stride(1) == 1 && x.stride(0) % V == 0 && aligned16(x.data_ptr()) &&
+                   aligned16(O.data_ptr());
+  const size_t dyn = fwd_dynamic_smem<T>(hdim);
   allow_dynamic_smem(_routed_head_fwd_kernel<T>, dyn);
   launch(_routed_head_fwd_kernel<T>, dim3(static_cast<unsigned>(tiles.count)), dim3(kThreads), dyn, stream,
          static_cast<const T*>(x.data_ptr<T>()), x.stride(0), x.stride(1), static_cast<const T*>(G.data_ptr<T>()),
@@ -88,7 +95,7 @@ std::vector<Tensor> routed_head_fwd(const Tensor& x, const Tensor& expert, const
          static_cast<const T*>(B1.data_ptr<T>()), static_cast<const T*>(W2.data_ptr<T>()),
          static_cast<const T*>(B2.data_ptr<T>()), static_cast<const int64_t*>(perm.data_ptr<int64_t>()),
          static_cast<const int64_t*>(tiles.lo.data_ptr<int64_t>()), static_cast<const int64_t*>(tiles.n.data_ptr<int64_t>()),
-         static_cast<const int64_t*>(tiles.e.data_ptr<int64_t>()), c, hdim, logits.data_ptr<T>(),
+         static_cast<const int64_t*>(tiles.e.data_ptr<int64_t>()), c, hdim, vec, vec_w1, logits.data_ptr<T>(),
          t_mean.data_ptr<float>(), t_m2.data_ptr<float>());
   launch(_routed_head_stats_merge_kernel, dim3(static_cast<unsigned>(n_exp)), dim3(kThreads), 0, stream,
          static_cast<const float*>(t_mean.data_ptr<float>()), static_cast<const float*>(t_m2.data_ptr<float>()),
@@ -96,8 +103,6 @@ std::vector<Tensor> routed_head_fwd(const Tensor& x, const Tensor& expert, const
          static_cast<const int64_t*>(tiles.first.data_ptr<int64_t>()), c, mean.data_ptr<float>(), var.data_ptr<float>());
   return {logits, count, mean, var, perm, offsets};
 }
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Rows per slab of the weight-gradient reductions: enough (slab, block) CTAs to fill the device a
 // few times over, in multiples of a tile. Depends on M, c and the device only, never on the routing.

@@ -6,9 +6,11 @@
 // as on a GPU and no two run at once (__shared__ becomes `static`). WMMA fragments hold whole
 // tiles; lane 0 of each warp loads, multiplies and stores them for the warp (the kernels read a
 // stored tile only after a __syncthreads, as CUDA requires). Products accumulate in fp32 in k order;
-// TF32 operands are rounded as cvt.rna.tf32 does. What this cannot show: timing, warp-divergence
-// hazards, races between CTAs (they run one after another), and the exact order of a tensor core's
-// internal sums.
+// TF32 operands are rounded as cvt.rna.tf32 does. Between two barriers the threads run in index
+// order, or in reverse order after set_reverse_thread_order(true): a phase that reads shared memory
+// another thread writes without a barrier in between then sees different data in the two orders,
+// so comparing them finds such a race. What this cannot show: timing, warp-divergence hazards, races
+// between CTAs (they run one after another), and the exact order of a tensor core's internal sums.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -56,6 +58,7 @@ struct State {
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> dyn_smem;
   int64_t launches = 0;
+  bool reverse = false;  // threads of a CTA run in reverse index order between barriers
   std::mutex mutex;
 };
 
@@ -111,7 +114,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t dyn_smem, const std::function
         }
         int alive = n;
         while (alive > 0) {  // one round: every live thread runs to its next barrier or its end
-          for (int i = 0; i < n; ++i) {
+          for (int k = 0; k < n; ++k) {
+            const int i = s.reverse ? n - 1 - k : k;
             if (s.done[i]) continue;
             s.current = i;
             s.thread = tid_of(i, block);
@@ -123,6 +127,8 @@ inline void run_grid(dim3 grid, dim3 block, size_t dyn_smem, const std::function
 }
 
 inline int64_t launch_count() { return state().launches; }
+
+inline void set_reverse_thread_order(bool reverse) { state().reverse = reverse; }
 
 }  // namespace emu
 }  // namespace calgan_fast
@@ -172,6 +178,14 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned
   for (int i = 0; i < F::kRows; ++i)
     for (int j = 0; j < F::kCols; ++j)
       f.x[i * F::kCols + j] = std::is_same_v<Layout, row_major> ? p[i * ldm + j] : p[j * ldm + i];
+}
+
+// An accumulator tile from memory (row- or column-major), as the CUDA overload with a layout_t.
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm, layout_t layout) {
+  if (!lane0()) return;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) f.x[i * N + j] = layout == mem_row_major ? p[i * ldm + j] : p[j * ldm + i];
 }
 
 template <int M, int N, int K, typename TA, typename LA, typename LB>

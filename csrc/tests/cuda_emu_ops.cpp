@@ -1,5 +1,5 @@
 // The CUDA kernels of csrc/cuda run by the host emulation of cuda_emu.h on CPU tensors, registered as
-// torch.ops.calgan_fast_emu.{routing_metadata,routed_head_fwd,routed_head_bwd,launches}: the tests
+// torch.ops.calgan_fast_emu.{routing_metadata,routed_head_fwd,routed_head_bwd,launches,...}: the tests
 // (tests/test_cuda_emulation.py) compare them with the `torch` backend on machines without a GPU.
 // Built by the test with torch.utils.cpp_extension.load; not part of the package.
 #include "cuda_emu.h"  // the platform first: it defines what the kernels take from CUDA
@@ -48,6 +48,8 @@ int64_t launches() { return calgan_fast::emu::launch_count(); }
 
 int64_t bwd_launches() { return calgan_fast::dev::kBwdLaunches; }
 
+void set_reverse_thread_order(bool reverse) { calgan_fast::emu::set_reverse_thread_order(reverse); }
+
 }  // namespace
 
 TORCH_LIBRARY(calgan_fast_emu, m) {
@@ -60,6 +62,7 @@ TORCH_LIBRARY(calgan_fast_emu, m) {
         &bwd);
   m.def("launches() -> int", &launches);
   m.def("bwd_launches() -> int", &bwd_launches);
+  m.def("set_reverse_thread_order(bool reverse) -> ()", &set_reverse_thread_order);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
