@@ -11,7 +11,8 @@
 // Forward (_routed_head_fwd_kernel): one CTA per tile of up to kTile rows of one expert; per
 // 64-column chunk, y = g x O^T and h += y W1^T, both on tensor cores (WMMA, fp16/bf16) or exact
 // FMA tiles (fp32), with the tile statistics from the fp32 y; the classifier in the epilogue;
-// _routed_head_stats_merge_kernel merges the tiles of each expert (Chan).
+// the tiles' statistics are merged (Chan) in two levels in a fixed order: _routed_head_stats_group_kernel
+// per group of kGroupTiles tiles, then _routed_head_stats_merge_kernel per expert over its groups.
 //
 // Backward, with u = O x, y = g u, a = gmean / n, k = 2 gvar / (n c) per expert of n rows:
 //   dh = glogit * w2 * lrelu'(h)                         (fp32, an (M, H) scratch in expert order)
@@ -53,7 +54,7 @@ namespace dev {
 constexpr int kThreads = 128;   // threads of every tile kernel (4 warps)
 constexpr int kTile = 64;       // rows per tile; side of every CTA's output block
 constexpr int kCld = kTile + 4;  // row stride of a CTA's fp32 output block in shared memory
-constexpr int kGroupTiles = 32;  // tiles per group in the two-level merge of the classifier partials
+constexpr int kGroupTiles = 32;  // tiles per group in the two-level merges (statistics, classifier partials)
 constexpr int kSortBlock = 256;
 constexpr int kScanThreads = 1024;
 constexpr int kSumThreads = 128;
@@ -467,24 +468,52 @@ __global__ void __launch_bounds__(kThreads) _routed_head_fwd_kernel(
   if (tid == 0) t_m2[t] = m2;
 }
 
-__global__ void __launch_bounds__(kThreads) _routed_head_stats_merge_kernel(
-    const float* __restrict__ t_mean, const float* __restrict__ t_m2, const int64_t* __restrict__ tile_n,
-    const int64_t* __restrict__ tile_first, int64_t c, float* __restrict__ mean, float* __restrict__ var) {
-  __shared__ float red[kThreads];
-  const int64_t e = blockIdx.x;
-  float* mu = mean + e * c;
+// Chan-merges the partial statistics [lo, hi) (means of c channels, M2, row counts) in order into
+// mu (c values, written) and returns (rows, M2). Every thread of the CTA calls it.
+__device__ __forceinline__ void chan_merge_range(const float* __restrict__ p_mean, const float* __restrict__ p_m2,
+                                                 const int64_t* __restrict__ p_n, int64_t lo, int64_t hi, int64_t c,
+                                                 float* __restrict__ mu, float* red, float& n_out, float& m2_out) {
   for (int64_t j = threadIdx.x; j < c; j += kThreads) mu[j] = 0.f;
   float n_a = 0.f, m2 = 0.f;
-  for (int64_t t = tile_first[e]; t < tile_first[e + 1]; ++t) {
-    const float n_b = static_cast<float>(tile_n[t]);
+  for (int64_t t = lo; t < hi; ++t) {
+    const float n_b = static_cast<float>(p_n[t]);
     const float n = n_a + n_b;
     float extra = 0.f;
-    for (int64_t j = threadIdx.x; j < c; j += kThreads) extra += chan_merge_delta2(mu[j], t_mean[t * c + j], n_b / n);
+    for (int64_t j = threadIdx.x; j < c; j += kThreads) extra += chan_merge_delta2(mu[j], p_mean[t * c + j], n_b / n);
     extra = block_sum(extra, red);
-    m2 = m2 + t_m2[t] + extra * (n_a * n_b / n);
+    m2 = m2 + p_m2[t] + extra * (n_a * n_b / n);
     n_a = n;
   }
-  if (threadIdx.x == 0) var[e] = n_a > 0.f ? m2 / (n_a * static_cast<float>(c)) : 0.f;
+  n_out = n_a;
+  m2_out = m2;
+}
+
+// First level of the statistics merge: one CTA per group of up to kGroupTiles consecutive tiles of
+// one expert, merged in tile order into the group's mean and M2 (its row count is the group map's).
+__global__ void __launch_bounds__(kThreads) _routed_head_stats_group_kernel(
+    const float* __restrict__ t_mean, const float* __restrict__ t_m2, const int64_t* __restrict__ tile_n,
+    const int64_t* __restrict__ tile_first, const int64_t* __restrict__ offsets, const int64_t* __restrict__ grp_lo,
+    const int64_t* __restrict__ grp_n, const int64_t* __restrict__ grp_e, int64_t c, float* __restrict__ g_mean,
+    float* __restrict__ g_m2) {
+  __shared__ float red[kThreads];
+  const int64_t g = blockIdx.x;
+  const int64_t e = grp_e[g];
+  if (e < 0) return;  // an unused entry of the bound: the whole CTA leaves before any barrier
+  const int64_t t0 = tile_first[e] + (grp_lo[g] - offsets[e]) / kTile, t1 = t0 + cdiv(grp_n[g], kTile);
+  float n = 0.f, m2 = 0.f;
+  chan_merge_range(t_mean, t_m2, tile_n, t0, t1, c, g_mean + g * c, red, n, m2);
+  if (threadIdx.x == 0) g_m2[g] = m2;
+}
+
+// Second level: one CTA per expert merges its groups in order; var = M2 / (n c) (0 without rows).
+__global__ void __launch_bounds__(kThreads) _routed_head_stats_merge_kernel(
+    const float* __restrict__ g_mean, const float* __restrict__ g_m2, const int64_t* __restrict__ grp_n,
+    const int64_t* __restrict__ grp_first, int64_t c, float* __restrict__ mean, float* __restrict__ var) {
+  __shared__ float red[kThreads];
+  const int64_t e = blockIdx.x;
+  float n = 0.f, m2 = 0.f;
+  chan_merge_range(g_mean, g_m2, grp_n, grp_first[e], grp_first[e + 1], c, mean + e * c, red, n, m2);
+  if (threadIdx.x == 0) var[e] = n > 0.f ? m2 / (n * static_cast<float>(c)) : 0.f;
 }
 
 // ---------------------------------------------------------------- backward: CTA GEMM blocks

@@ -70,10 +70,11 @@ std::vector<Tensor> routed_head_fwd(const Tensor& x, const Tensor& expert, const
   const int64_t m = x.size(0), c = x.size(1), n_exp = proj.size(0), hdim = w1.size(1);
   auto [count, offsets, perm] = routing_metadata(expert, n_exp);
   const Stream stream = current_stream();
-  MapBuffers tiles = alloc_map(offsets, m, kTile);
+  MapBuffers tiles = alloc_map(offsets, m, kTile), groups = alloc_map(offsets, m, kTile * kGroupTiles);
   SegmentMaps maps{};
   maps.map[0] = tiles.view();
-  launch(_segment_maps_kernel, dim3(1), dim3(1024), 0, stream, static_cast<const int64_t*>(offsets.data_ptr<int64_t>()),
+  maps.map[1] = groups.view();
+  launch(_segment_maps_kernel, dim3(2), dim3(1024), 0, stream, static_cast<const int64_t*>(offsets.data_ptr<int64_t>()),
          n_exp, maps);
   const auto fopts = x.options().dtype(at::kFloat);
   Tensor logits = at::empty({m}, x.options());
@@ -97,10 +98,19 @@ std::vector<Tensor> routed_head_fwd(const Tensor& x, const Tensor& expert, const
          static_cast<const int64_t*>(tiles.lo.data_ptr<int64_t>()), static_cast<const int64_t*>(tiles.n.data_ptr<int64_t>()),
          static_cast<const int64_t*>(tiles.e.data_ptr<int64_t>()), c, hdim, vec, vec_w1, logits.data_ptr<T>(),
          t_mean.data_ptr<float>(), t_m2.data_ptr<float>());
-  launch(_routed_head_stats_merge_kernel, dim3(static_cast<unsigned>(n_exp)), dim3(kThreads), 0, stream,
+  // Statistics: tiles -> groups of kGroupTiles tiles -> experts, each level in a fixed order.
+  Tensor g_mean = at::empty({groups.count * c}, fopts), g_m2 = at::empty({groups.count}, fopts);
+  launch(_routed_head_stats_group_kernel, dim3(static_cast<unsigned>(groups.count)), dim3(kThreads), 0, stream,
          static_cast<const float*>(t_mean.data_ptr<float>()), static_cast<const float*>(t_m2.data_ptr<float>()),
          static_cast<const int64_t*>(tiles.n.data_ptr<int64_t>()),
-         static_cast<const int64_t*>(tiles.first.data_ptr<int64_t>()), c, mean.data_ptr<float>(), var.data_ptr<float>());
+         static_cast<const int64_t*>(tiles.first.data_ptr<int64_t>()),
+         static_cast<const int64_t*>(offsets.data_ptr<int64_t>()), static_cast<const int64_t*>(groups.lo.data_ptr<int64_t>()),
+         static_cast<const int64_t*>(groups.n.data_ptr<int64_t>()), static_cast<const int64_t*>(groups.e.data_ptr<int64_t>()),
+         c, g_mean.data_ptr<float>(), g_m2.data_ptr<float>());
+  launch(_routed_head_stats_merge_kernel, dim3(static_cast<unsigned>(n_exp)), dim3(kThreads), 0, stream,
+         static_cast<const float*>(g_mean.data_ptr<float>()), static_cast<const float*>(g_m2.data_ptr<float>()),
+         static_cast<const int64_t*>(groups.n.data_ptr<int64_t>()),
+         static_cast<const int64_t*>(groups.first.data_ptr<int64_t>()), c, mean.data_ptr<float>(), var.data_ptr<float>());
   return {logits, count, mean, var, perm, offsets};
 }
 
