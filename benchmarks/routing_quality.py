@@ -226,8 +226,10 @@ def capacity_routing(net: CALGANDiscriminator, factor: float):
         expert = score.argmax(1)
         for _ in range(n):
             top = score.gather(1, expert[:, None]).squeeze(1)
-            # Rank of each pixel among the pixels of its expert, best first.
-            order = torch.argsort(expert * 1e6 - top.clamp(-1e5, 1e5), stable=True)
+            # Rank of each pixel among the pixels of its expert, best first: by score, then by expert
+            # (stable, so each expert's pixels stay in score order).
+            order = torch.argsort(-top, stable=True)
+            order = order[torch.argsort(expert[order], stable=True)]
             sorted_e = expert[order]
             first = torch.searchsorted(sorted_e, sorted_e, right=False)
             rank = torch.empty_like(order)
@@ -355,8 +357,8 @@ def render(folder: Path, command: str | None = None) -> str:
               "the mean over seeds of the mean of the last three evaluations (held-out crops); "
               "`min alive`: the fewest experts alive at any evaluation; ± the spread (max − min) "
               "over seeds. Target: accuracy ≥ 0.95 (both), entropy ≥ 0.85, min alive ≥ N − 1, "
-              "NMI ≥ 0.12. `ms/step`: wall time per training step as the runs were made (runs that "
-              "shared the machine with others are slower).", ""]
+              "NMI ≥ 0.12. `ms/step` is the wall time per step of runs that shared a 2-core machine; it "
+              "is not a timing benchmark.", ""]
     lines += ["| setting | options | seeds | acc (trained) | acc (eval) | usage entropy | alive | min alive "
               "| NMI | ms/step | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in sorted(runs.items()):

@@ -12,8 +12,9 @@ while y is in registers: ``h += y @ W1_e[:, nblk]^T``, the tile's channel sums o
 (sum of squared deviations from the tile mean, summed over channels). After the last block:
 ``z = lrelu(h + b1_e, 0.2)``, ``logit = z . w2_e + b2_e`` stored at the rows' own (pixel-order)
 positions. ``_expert_stats_kernel``, one program per expert, merges the tiles of its expert in
-tile order with Chan's formula (n, mean, M2) -> mean, var = M2 / (n c): the same order every
-run, hence deterministic, and stable (no E[y^2] - E[y]^2).
+tile order with Chan's formula (n, mean, M2) -> mean, var = M2 / (n c); where the tiles are many,
+``_stats_group_kernel`` first merges groups of them, so the expert's program walks the groups.
+The same order every run, hence deterministic, and stable (no E[y^2] - E[y]^2).
 
 Backward (y and z recomputed, not saved):
 - ``_routed_head_bwd_dy_kernel``, per tile: recompute h, then ``dh = glogit * w2_e * lrelu'(h)``;

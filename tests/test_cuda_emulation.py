@@ -142,6 +142,16 @@ def test_emulated_strided_x(emu):
         assert torch.equal(a, b)
 
 
+def test_forward_names_a_hidden_width_beyond_shared_memory(emu, monkeypatch):
+    # The launcher compares the forward's dynamic shared memory with what a block may use.
+    inputs = make_inputs(70, 16, 3, 4, expert=expert_ids("random", 70, 3))
+    monkeypatch.setenv("CALGAN_FAST_EMU_MAX_DYN_SMEM", "1000")
+    with pytest.raises(RuntimeError, match="hidden width 4 needs .* bytes of dynamic shared memory"):
+        emu.routed_head_fwd(*inputs)
+    monkeypatch.setenv("CALGAN_FAST_EMU_MAX_DYN_SMEM", str(1 << 20))
+    assert emu.routed_head_fwd(*inputs)[0].shape == (70,)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_emulated_unaligned_x(emu, dtype):
     # Rows of x off a 16-byte boundary take the element-wise loads; the 16-byte loads of aligned rows

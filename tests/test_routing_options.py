@@ -234,6 +234,19 @@ def test_routing_options_are_read_from_the_config_and_default_to_the_paper():
             _train_cfg(d_opt)
 
 
+def test_usage_routing_example_is_the_paper_preset_with_usage_and_tau_half():
+    from calgan_fast.train import load_config
+
+    cfg = load_config(None, ROOT / "examples" / "train_paper_usage_routing.yml")
+    paths = {"datasets": {"train": {"dataroot_gt": "datasets/DIV2K/DIV2K_train_HR"}},
+             "path": {"pretrain_network_g": "experiments/pretrained_models/RRDB_PSNR_x4.pth"}}
+    paper = load_config("paper", overrides=paths)
+    assert cfg["train"]["d_opt"]["balance"] == "usage" and cfg["network_d"]["tau"] == 0.5
+    cfg["train"]["d_opt"]["balance"], cfg["network_d"]["tau"] = "paper", paper["network_d"]["tau"]
+    cfg["name"] = paper["name"]
+    assert cfg == paper
+
+
 def test_step_applies_the_balance_mode_and_the_z_loss():
     from calgan_fast.train.step import GANStep
 
@@ -297,6 +310,12 @@ def test_step_revives_silent_experts_from_the_usage_average():
     other = GANStep(net, _settings(revive_every=3), total_iter=10)
     other.load_state_dict(step.state_dict())
     assert torch.equal(other.usage, step.usage)
+    # A state in another dtype or form (as a map_location or another writer gives it) comes back
+    # as the float64 CPU average the updates need.
+    other.load_state_dict({"usage": step.usage.float().tolist()})
+    assert other.usage.dtype == torch.float64 and other.usage.device.type == "cpu"
+    assert torch.allclose(other.usage, step.usage, atol=1e-7)
+    other.end_iteration(4, d, opt)
 
 
 def test_trainer_logs_the_options_and_resumes_them_exactly(tmp_path, capsys):

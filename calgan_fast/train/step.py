@@ -230,7 +230,8 @@ class GANStep:
         return {"usage": self.usage.clone()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        usage = torch.as_tensor(state["usage"], dtype=torch.float64)
+        # A state loaded with a map_location (BasicSR's resume maps to the GPU) comes back to the CPU.
+        usage = torch.as_tensor(state["usage"]).to(device="cpu", dtype=torch.float64)
         if usage.shape != self.usage.shape:
             raise ValueError(f"usage: expected shape {tuple(self.usage.shape)}, got {tuple(usage.shape)}")
         self.usage = usage.clone()

@@ -65,6 +65,19 @@ void allow_dynamic_smem(void (*kernel)(KArgs...), size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// Dynamic shared memory one CTA of `kernel` may use on the current device: the per-block opt-in
+// limit less the kernel's static shared memory.
+template <typename... KArgs>
+size_t max_dynamic_smem(void (*kernel)(KArgs...)) {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
+  const size_t limit = static_cast<size_t>(optin);
+  return limit > attr.sharedSizeBytes ? limit - attr.sharedSizeBytes : 0;
+}
+
 struct DeviceGuard {
   explicit DeviceGuard(const at::Device& d) : guard(d) {}
   c10::cuda::CUDAGuard guard;

@@ -89,6 +89,10 @@ std::vector<Tensor> routed_head_fwd(const Tensor& x, const Tensor& expert, const
   const bool vec = c % V == 0 && x.stride(1) == 1 && x.stride(0) % V == 0 && aligned16(x.data_ptr()) &&
                    aligned16(O.data_ptr());
   const size_t dyn = fwd_dynamic_smem<T>(hdim);
+  const size_t dyn_max = max_dynamic_smem(_routed_head_fwd_kernel<T>);
+  TORCH_CHECK(dyn <= dyn_max, "routed_head (cuda backend): hidden width ", hdim, " needs ", dyn,
+              " bytes of dynamic shared memory per block, this GPU gives ", dyn_max,
+              "; use a smaller hidden width or the torch backend");
   allow_dynamic_smem(_routed_head_fwd_kernel<T>, dyn);
   launch(_routed_head_fwd_kernel<T>, dim3(static_cast<unsigned>(tiles.count)), dim3(kThreads), dyn, stream,
          static_cast<const T*>(x.data_ptr<T>()), x.stride(0), x.stride(1), static_cast<const T*>(G.data_ptr<T>()),

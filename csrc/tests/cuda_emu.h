@@ -274,6 +274,13 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Stream
 template <typename... KArgs>
 void allow_dynamic_smem(void (*)(KArgs...), size_t) {}
 
+// The emulation has no shared-memory limit unless CALGAN_FAST_EMU_MAX_DYN_SMEM (bytes) sets one.
+template <typename... KArgs>
+size_t max_dynamic_smem(void (*)(KArgs...)) {
+  const char* v = std::getenv("CALGAN_FAST_EMU_MAX_DYN_SMEM");
+  return v != nullptr ? static_cast<size_t>(std::atoll(v)) : SIZE_MAX;
+}
+
 struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };

@@ -197,6 +197,8 @@ class CALGANModel(SRGANModel):
         self.gen_weight = self.gan.settings.lambda_g
         get_root_logger().info(f"CAL-GAN options: {asdict(self.calgan_opt)}; generator adversarial "
                                f"weight {self.gen_weight:g}")
+        if bare.num_experts == 1:
+            get_root_logger().info("one expert: the routing losses (balance, ortho, dist, z weights) are off")
 
     @master_only
     def save_training_state(self, epoch, current_iter):
