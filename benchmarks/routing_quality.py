@@ -60,7 +60,7 @@ class Setting:
     lambda_dis: float = 1.0
     lambda_z: float = 0.0
     tau: float = 1.0
-    tau_end: float | None = None  # anneal tau geometrically to this value over the run
+    tau_end: float | None = None  # anneal tau linearly to this value over the run
     routing: str = "gumbel"
     revive_every: int = 0  # steps between revivals of silent experts (0: never)
     usage_decay: float = 0.99  # EMA of the training usage that revival reads
@@ -278,7 +278,8 @@ def run(setting: Setting, data: CropData, steps: int, seed: int, eval_every: int
     record(0)
     for step in range(1, steps + 1):
         if setting.tau_end is not None:
-            net.set_tau(setting.tau * (setting.tau_end / setting.tau) ** ((step - 1) / max(steps - 1, 1)))
+            # Linear from tau to tau_end over the run, as the trainer's schedule (GANStep.tau_at).
+            net.set_tau(setting.tau + (setting.tau_end - setting.tau) * (step - 1) / max(steps - 1, 1))
         real, fake = data.batch(setting.batch, rng)
         t0 = time.perf_counter()
         d = discriminator_loss(net, real, fake, weights, setting.balance, "relativistic")
