@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstdint>
 
 #define CALGAN_DEVICE_PLATFORM_CUDA 1
@@ -66,16 +67,25 @@ void allow_dynamic_smem(void (*kernel)(KArgs...), size_t bytes) {
 }
 
 // Dynamic shared memory one CTA of `kernel` may use on the current device: the per-block opt-in
-// limit less the kernel's static shared memory.
+// limit less the kernel's static shared memory. Queried once per kernel and device, then cached.
 template <typename... KArgs>
 size_t max_dynamic_smem(void (*kernel)(KArgs...)) {
-  int device = 0, optin = 0;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<size_t> cached[kMaxDevices] = {};  // 0: not queried yet
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < kMaxDevices) {
+    const size_t v = cached[device].load(std::memory_order_relaxed);
+    if (v != 0) return v - 1;
+  }
+  int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   cudaFuncAttributes attr{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
   const size_t limit = static_cast<size_t>(optin);
-  return limit > attr.sharedSizeBytes ? limit - attr.sharedSizeBytes : 0;
+  const size_t avail = limit > attr.sharedSizeBytes ? limit - attr.sharedSizeBytes : 0;
+  if (device < kMaxDevices) cached[device].store(avail + 1, std::memory_order_relaxed);
+  return avail;
 }
 
 struct DeviceGuard {
